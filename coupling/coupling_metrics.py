@@ -1,0 +1,423 @@
+"""Coupling matrices and mis-coupling scores (METHODS.md, "Coupling"; paper Eq. 10-14).
+
+Conventions
+-----------
+* A block Jacobian ``J`` is ``(d_out, d_in)``: a dense ``torch.Tensor`` or any
+  :class:`~coupling.linop.LinearOperator` (only products ``J @ M`` are used here).
+* Singular triplets are ``(U, S, V)`` with ``U (d_out, K)``, ``S (K,)`` descending,
+  ``V (d_in, K)`` (columns are singular vectors), so ``J ~= U diag(S) V^T``.
+* The **coupling matrix of J against J'** (``J' = U' S' V'^T``) is
+  ``A_K = U'_K^T J V'_K`` (K x K).  Aligned singular vectors make it diagonal.
+* Grids: entry ``[i, j]`` of every grid here is the coupling of operator ``i`` (the row,
+  "the J being coupled") against the singular vectors of reference ``j`` (the column).
+  Depth-wise: ``[l, l']`` = ``J^l`` against the singular vectors of ``J^{l'}``.
+* Arithmetic is float32, or float64 when any input is float64.  Grids and scores come
+  back as float64 numpy arrays; ``nan`` marks entries that were not computed (missing
+  operator/reference) or are undefined (see :func:`mis_coupling`).
+
+Mis-coupling variants (:func:`mis_coupling`)
+--------------------------------------------
+``"raw"``        ``||A - Diag(A)||_F``                      (Eq. 13)
+``"normalized"`` ``||A - Diag(A)||_F / ||A||_F`` in [0, 1]    (Eq. 14, used for Fig. 1b)
+``"abs_l2"``     ``|| |A| - diag(s) ||_F / ||s||_2``           (authors' released code)
+``"abs_l1"``     ``|| |A| - diag(s) ||_F / sum(s)``            (authors' released code)
+where ``s`` are the top-K singular values of the J being coupled (the row operator).
+Lower is more strongly coupled; J against itself gives 0 under every variant.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .linop import as_operator
+
+VARIANTS = ("raw", "normalized", "abs_l2", "abs_l1")
+_NEEDS_S = ("abs_l2", "abs_l1")
+
+
+# ----------------------------------------------------------------------------------------
+# small helpers
+# ----------------------------------------------------------------------------------------
+def _work_dtype(*xs) -> torch.dtype:
+    """float64 if any input (tensor or operator) is float64, else float32."""
+    for x in xs:
+        if x is not None and getattr(x, "dtype", None) == torch.float64:
+            return torch.float64
+    return torch.float32
+
+
+def _tensor(x) -> torch.Tensor:
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(x)
+    if isinstance(x, torch.Tensor):
+        return x.detach()
+    raise TypeError(f"expected a torch.Tensor or numpy array, got {type(x).__name__}")
+
+
+def _check_triplet(trip, shape=None, what="triplet") -> tuple[torch.Tensor, ...]:
+    """Validate a ``(U, S, V)`` tuple; ``shape`` is the (d_out, d_in) it must match."""
+    if not isinstance(trip, (tuple, list)) or len(trip) != 3:
+        raise ValueError(f"{what}: expected a (U, S, V) tuple of singular triplets, "
+                         f"got {type(trip).__name__}")
+    U, S, V = (_tensor(x) for x in trip)
+    if U.ndim != 2 or V.ndim != 2 or S.ndim != 1:
+        raise ValueError(f"{what}: expected U (d_out, K), S (K,), V (d_in, K); got shapes "
+                         f"{tuple(U.shape)}, {tuple(S.shape)}, {tuple(V.shape)}")
+    if not U.shape[1] == S.shape[0] == V.shape[1]:
+        raise ValueError(f"{what}: U, S, V disagree on K ({U.shape[1]}, {S.shape[0]}, "
+                         f"{V.shape[1]}); pass columns as singular vectors (U (d, K), not (K, d))")
+    if shape is not None and (U.shape[0], V.shape[0]) != tuple(shape):
+        raise ValueError(f"{what}: singular vectors have dimensions ({U.shape[0]}, {V.shape[0]}) "
+                         f"but the operator is {tuple(shape)}")
+    return U, S, V
+
+
+def _check_refs(U_ref, V_ref, shape) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate reference singular vectors ``U_ref (d_out, K)``, ``V_ref (d_in, K)``."""
+    U_ref, V_ref = _tensor(U_ref), _tensor(V_ref)
+    if U_ref.ndim != 2 or V_ref.ndim != 2 or U_ref.shape[1] != V_ref.shape[1]:
+        raise ValueError(f"U_ref and V_ref must be (d, K) with the same K (columns = singular "
+                         f"vectors), got {tuple(U_ref.shape)} and {tuple(V_ref.shape)}")
+    if (U_ref.shape[0], V_ref.shape[0]) != tuple(shape):
+        raise ValueError(f"reference vectors have dimensions ({U_ref.shape[0]}, "
+                         f"{V_ref.shape[0]}) but J is {tuple(shape)}")
+    return U_ref, V_ref
+
+
+def _resolve_k(k, available: int, what: str) -> int:
+    if k is None:
+        return available
+    if not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    if k > available:
+        raise ValueError(f"k={k} exceeds the {available} singular vectors available in {what}; "
+                         f"compute more triplets or lower k")
+    return int(k)
+
+
+def _check_variants(variants: Iterable[str]) -> tuple[str, ...]:
+    variants = (variants,) if isinstance(variants, str) else tuple(variants)
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        raise ValueError(f"unknown mis-coupling variant(s) {bad}; choose from {VARIANTS}")
+    return variants
+
+
+# ----------------------------------------------------------------------------------------
+# single coupling matrices
+# ----------------------------------------------------------------------------------------
+def coupling_matrix(J, U_ref, V_ref, k: int | None = None) -> torch.Tensor:
+    """Exact ``A_k = U_ref[:, :k]^T (J @ V_ref[:, :k])``, shape ``(k, k)``.
+
+    ``J``: dense ``(d_out, d_in)`` tensor or LinearOperator; ``U_ref (d_out, K)``,
+    ``V_ref (d_in, K)``: singular vectors of the reference Jacobian; ``k`` defaults to K.
+    Costs k products with J (one batched ``J @ M``); nothing d x d is formed.
+    """
+    op = as_operator(J)
+    U_ref, V_ref = _check_refs(U_ref, V_ref, op.shape)
+    k = _resolve_k(k, U_ref.shape[1], "U_ref/V_ref")
+    dt = _work_dtype(op, U_ref, V_ref)
+    JV = (op @ V_ref[:, :k].to(dt)).to(dt)
+    return U_ref[:, :k].to(dtype=dt, device=JV.device).T @ JV
+
+
+def coupling_matrix_factored(U, S, V, U_ref, V_ref, k: int | None = None) -> torch.Tensor:
+    """Approximate ``A_k`` from stored rank-r factors ``J ~= U diag(S) V^T``.
+
+    ``A_k ~= (U_ref_k^T U) diag(S) (V^T V_ref_k)``, cost ``O(d r k)``.  The error is the
+    coupling of the discarded tail: ``||A_exact - A_factored||_2 <= s_{r+1}(J)``
+    (so ``<= sqrt(k) s_{r+1}`` in Frobenius norm); exact when the factors are a full SVD.
+    """
+    U, S, V = _check_triplet((U, S, V), what="factors of J")
+    U_ref, V_ref = _check_refs(U_ref, V_ref, (U.shape[0], V.shape[0]))
+    k = _resolve_k(k, U_ref.shape[1], "U_ref/V_ref")
+    dt = _work_dtype(U, S, V, U_ref, V_ref)
+    U, S, V = U.to(dt), S.to(dt), V.to(dt)
+    left = U_ref[:, :k].to(dt).T @ U            # (k, r)
+    right = V.T @ V_ref[:, :k].to(dt)           # (r, k)
+    return (left * S) @ right
+
+
+# ----------------------------------------------------------------------------------------
+# mis-coupling
+# ----------------------------------------------------------------------------------------
+def mis_coupling(A, variant: str = "normalized", s=None):
+    """Mis-coupling of coupling matrices ``A (..., K, K)``; lower = more strongly coupled.
+
+    ``variant``: one of ``VARIANTS`` (see the module docstring).  ``s (..., >=K)`` are the
+    singular values of the J being coupled, required by ``"abs_l2"`` / ``"abs_l1"``; only
+    the first K are used (S is descending, so these are the top K).
+
+    Returns a Python float for one ``(K, K)`` matrix, else a float64 array of shape
+    ``A.shape[:-2]``.  Undefined cases return ``nan`` rather than raising, so one bad
+    layer does not abort a whole grid: ``"normalized"`` with ``||A||_F = 0`` (J vanishes
+    on the reference subspace), ``"abs_l2"`` with ``||s|| = 0``, ``"abs_l1"`` with
+    ``sum(s) = 0``.  :func:`mean_off_diagonal` skips nan.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown mis-coupling variant {variant!r}; choose from {VARIANTS}")
+    A = np.asarray(A.detach().cpu() if isinstance(A, torch.Tensor) else A, dtype=np.float64)
+    if A.ndim < 2 or A.shape[-1] != A.shape[-2]:
+        raise ValueError(f"A must be square (..., K, K), got shape {A.shape}")
+    K = A.shape[-1]
+    eye = np.eye(K, dtype=bool)
+    if variant in _NEEDS_S:
+        if s is None:
+            raise ValueError(f"variant {variant!r} needs s, the top-K singular values of the "
+                             "J being coupled (pass s=S)")
+        s = np.asarray(s.detach().cpu() if isinstance(s, torch.Tensor) else s, dtype=np.float64)
+        if s.ndim < 1 or s.shape[-1] < K:
+            raise ValueError(f"s must hold at least K={K} singular values, got shape {s.shape}")
+        s = s[..., :K]
+        D = np.abs(A) - s[..., None, :] * eye  # |A| - diag(s), broadcast over the batch
+        num = np.sqrt((D ** 2).sum(axis=(-2, -1)))
+        den = np.sqrt((s ** 2).sum(-1)) if variant == "abs_l2" else s.sum(-1)
+    else:
+        num = np.sqrt((np.where(eye, 0.0, A) ** 2).sum(axis=(-2, -1)))
+        den = np.sqrt((A ** 2).sum(axis=(-2, -1))) if variant == "normalized" else 1.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.where(np.asarray(den) == 0, np.nan, num / np.where(den == 0, 1.0, den))
+    return float(out) if out.ndim == 0 else out
+
+
+def mean_off_diagonal(M):
+    """Mean of ``M[..., l, l']`` over ``l != l'`` ignoring nan (the per-prompt score).
+
+    ``M``: ``(L, L)`` or ``(..., L, L)``.  Returns a float (or an array over the leading
+    axes); nan when no finite off-diagonal entry exists.
+    """
+    M = np.asarray(M, dtype=np.float64)
+    if M.ndim < 2 or M.shape[-1] != M.shape[-2]:
+        raise ValueError(f"expected a square (..., L, L) matrix, got shape {M.shape}")
+    off = ~np.eye(M.shape[-1], dtype=bool)
+    vals = np.where(off, M, np.nan)
+    count = np.isfinite(vals).sum(axis=(-2, -1))
+    total = np.where(np.isfinite(vals), vals, 0.0).sum(axis=(-2, -1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+    return float(out) if out.ndim == 0 else out
+
+
+# ----------------------------------------------------------------------------------------
+# grids
+# ----------------------------------------------------------------------------------------
+def _finish_grid(A_grid: np.ndarray, s_rows, variants, return_matrices, k) -> dict:
+    """Scores from a (Na, Nb, k, k) grid of coupling matrices (nan where not computed)."""
+    out = {}
+    for v in variants:
+        if v in _NEEDS_S:
+            S = np.full((A_grid.shape[0], k), np.nan)
+            for i, s in enumerate(s_rows):
+                if s is not None:
+                    S[i] = np.asarray(_tensor(s).cpu(), dtype=np.float64)[:k]
+            out[v] = mis_coupling(A_grid, v, s=S[:, None, :])
+        else:
+            out[v] = mis_coupling(A_grid, v)
+        out[v] = np.asarray(out[v], dtype=np.float64).reshape(A_grid.shape[:2])
+    if return_matrices:
+        out["A"] = A_grid
+    return out
+
+
+def _check_s_rows(s_a, n_rows, variants, k):
+    if not any(v in _NEEDS_S for v in variants):
+        return [None] * n_rows
+    if s_a is None:
+        raise ValueError("the abs_l2/abs_l1 variants need s_a: the singular values of each "
+                         "operator being coupled (the rows)")
+    s_a = list(s_a)
+    if len(s_a) != n_rows:
+        raise ValueError(f"s_a has {len(s_a)} entries for {n_rows} operators")
+    for i, s in enumerate(s_a):
+        if s is not None and _tensor(s).shape[-1] < k:
+            raise ValueError(f"s_a[{i}] holds {_tensor(s).shape[-1]} singular values, need k={k}")
+    return s_a
+
+
+def pairwise_coupling(ops_a: Sequence, svds_b: Sequence, k: int | None = None,
+                      variants: Iterable[str] = ("normalized", "raw"), s_a=None,
+                      return_matrices: bool = False, refs_per_product: int | None = None) -> dict:
+    """Rectangular coupling grid: entry ``[i, j]`` = ``ops_a[i]`` against ``svds_b[j]``.
+
+    ``ops_a``: Na operators/tensors ``(d_out, d_in)`` (``None`` -> nan row).
+    ``svds_b``: Nb ``(U, S, V)`` triplets of the reference Jacobians (``None`` -> nan
+    column).  ``k`` defaults to the fewest triplets any reference has.  ``s_a``: the
+    singular values of each ``ops_a[i]``, needed only for the abs variants.
+
+    Work: per operator ONE product ``J @ [V^1_k | ... | V^Nb_k]`` (``d_in x Nb k``; split
+    into groups of ``refs_per_product`` references to bound memory), then Nb small
+    ``U^j_k^T (.)`` blocks.  Returns ``{variant: (Na, Nb) float64}`` plus
+    ``"A": (Na, Nb, k, k)`` when ``return_matrices``.
+    """
+    variants = _check_variants(variants)
+    ops = [None if J is None else as_operator(J) for J in ops_a]
+    present = [j for j, t in enumerate(svds_b) if t is not None]
+    shapes = {tuple(op.shape) for op in ops if op is not None}
+    if len(shapes) > 1:
+        raise ValueError(f"all operators must share one shape, got {sorted(shapes)}")
+    shape = shapes.pop() if shapes else None
+    trips = {j: _check_triplet(svds_b[j], shape, f"svds_b[{j}]") for j in present}
+    if shape is None and trips:
+        t = next(iter(trips.values()))
+        shape = (t[0].shape[0], t[2].shape[0])
+    avail = min((t[0].shape[1] for t in trips.values()), default=k or 1)
+    k = _resolve_k(k, avail, "the references")
+    s_rows = _check_s_rows(s_a, len(ops), variants, k)
+
+    dt = _work_dtype(*ops, *(x for t in trips.values() for x in t))
+    A_grid = np.full((len(ops), len(svds_b), k, k), np.nan)
+    if present and any(op is not None for op in ops):
+        U_all = torch.stack([trips[j][0][:, :k].to(dt) for j in present])   # (P, d_out, k)
+        V_cat = torch.cat([trips[j][2][:, :k].to(dt) for j in present], 1)  # (d_in, P k)
+        step = len(present) if refs_per_product is None else max(1, int(refs_per_product))
+        for i, op in enumerate(ops):
+            if op is None:
+                continue
+            blocks = []
+            for g in range(0, len(present), step):
+                JV = (op @ V_cat[:, g * k:(g + step) * k]).to(dt)           # (d_out, g k)
+                JV = JV.reshape(JV.shape[0], -1, k).permute(1, 0, 2)         # (g, d_out, k)
+                U_g = U_all[g:g + step].to(JV.device)
+                blocks.append(U_g.transpose(1, 2) @ JV)                      # (g, k, k)
+            A_grid[i, present] = torch.cat(blocks).cpu().double().numpy()
+    return _finish_grid(A_grid, s_rows, variants, return_matrices, k)
+
+
+def pairwise_coupling_factored(svds_a: Sequence, svds_b: Sequence, k: int | None = None,
+                               variants: Iterable[str] = ("normalized", "raw"),
+                               return_matrices: bool = False) -> dict:
+    """Like :func:`pairwise_coupling` but each ``J_i`` is replaced by its stored factors.
+
+    ``A[i, j] = (U^j_k^T U^i) diag(S^i) (V^i^T V^j_k)`` using all r stored triplets of row
+    ``i`` (see :func:`coupling_matrix_factored` for the error bound).  The abs variants use
+    ``S^i`` as ``s``.
+    """
+    variants = _check_variants(variants)
+    rows = {i: _check_triplet(t, what=f"svds_a[{i}]") for i, t in enumerate(svds_a) if t is not None}
+    cols = {j: _check_triplet(t, what=f"svds_b[{j}]") for j, t in enumerate(svds_b) if t is not None}
+    shapes = {(t[0].shape[0], t[2].shape[0]) for t in (*rows.values(), *cols.values())}
+    if len(shapes) > 1:
+        raise ValueError(f"all triplets must share one (d_out, d_in), got {sorted(shapes)}")
+    k = _resolve_k(k, min((t[0].shape[1] for t in cols.values()), default=k or 1), "svds_b")
+    dt = _work_dtype(*(x for t in (*rows.values(), *cols.values()) for x in t))
+    A_grid = np.full((len(svds_a), len(svds_b), k, k), np.nan)
+    present = sorted(cols)
+    if present and rows:
+        U_cat = torch.cat([cols[j][0][:, :k].to(dt) for j in present], 1)  # (d_out, P k)
+        V_cat = torch.cat([cols[j][2][:, :k].to(dt) for j in present], 1)  # (d_in, P k)
+        P = len(present)
+        for i, (U, S, V) in rows.items():
+            U, S, V = U.to(dt), S.to(dt), V.to(dt)
+            left = ((U_cat.T @ U) * S).reshape(P, k, -1)                     # (P, k, r)
+            right = (V.T @ V_cat).reshape(-1, P, k).permute(1, 0, 2)       # (P, r, k)
+            A_grid[i, present] = (left @ right).cpu().double().numpy()
+    s_rows = [rows[i][1] if i in rows else None for i in range(len(svds_a))]
+    if any(v in _NEEDS_S for v in variants):
+        short = [i for i, s in enumerate(s_rows) if s is not None and s.shape[0] < k]
+        if short:
+            raise ValueError(f"svds_a{short} hold fewer than k={k} singular values")
+    return _finish_grid(A_grid, s_rows, variants, return_matrices, k)
+
+
+def depth_coupling(jacobians: Sequence, svds: Sequence, k: int | None = None,
+                   variants: Iterable[str] = ("normalized", "raw"),
+                   return_matrices: bool = False, refs_per_product: int | None = None) -> dict:
+    """Depth-wise coupling (L x L): ``[l, l']`` = ``J^l`` against the vectors of ``J^{l'}``.
+
+    ``jacobians``: L operators/tensors (e.g. ``J^l_{tt}`` for the last token t);
+    ``svds``: their L ``(U, S, V)`` triplets (``svds[l]`` belongs to ``jacobians[l]``;
+    its ``S`` is the ``s`` of the abs variants).  One batched product per layer.
+    Returns ``{variant: (L, L)}`` (+ ``"A": (L, L, k, k)`` when ``return_matrices``);
+    the diagonal is the self-coupling, 0 up to round-off for exact SVDs.
+    """
+    if len(jacobians) != len(svds):
+        raise ValueError(f"{len(jacobians)} Jacobians but {len(svds)} SVDs: pass one (U, S, V) "
+                         "per Jacobian")
+    s_a = [None if t is None else t[1] for t in svds]
+    return pairwise_coupling(jacobians, svds, k, variants, s_a=s_a,
+                             return_matrices=return_matrices, refs_per_product=refs_per_product)
+
+
+def depth_coupling_factored(svds: Sequence, k: int | None = None,
+                            variants: Iterable[str] = ("normalized", "raw"),
+                            return_matrices: bool = False) -> dict:
+    """:func:`depth_coupling` from the stored factors alone (no Jacobian products)."""
+    return pairwise_coupling_factored(svds, svds, k, variants, return_matrices)
+
+
+# ----------------------------------------------------------------------------------------
+# token-wise grids (fixed layers l, l')
+# ----------------------------------------------------------------------------------------
+def token_self_coupling(ops_l: Sequence, svds_lp: Sequence, k: int | None = None,
+                        variants: Iterable[str] = ("normalized",), s_l=None,
+                        return_matrices: bool = False) -> dict:
+    """Self-coupling: ``[t, t']`` = ``J^l_{tt}`` against the vectors of ``J^{l'}_{t't'}``.
+
+    ``ops_l[t]`` = ``J^l_{tt}``, ``svds_lp[t]`` = triplets of ``J^{l'}_{tt}`` (n each;
+    ``None`` -> nan row/column).  ``s_l[t]``: singular values of ``J^l_{tt}`` (abs variants).
+    Returns ``{variant: (n, n)}``.
+    """
+    return pairwise_coupling(ops_l, svds_lp, k, variants, s_a=s_l,
+                             return_matrices=return_matrices)
+
+
+def _infer_n(n, *dicts) -> int:
+    if n is not None:
+        return int(n)
+    idx = [t for d in dicts for key in d for t in key]
+    if not idx:
+        raise ValueError("no (t1, t2) keys given: pass Jacobians keyed by token pairs, or n")
+    return max(idx) + 1
+
+
+def _check_keys(d: Mapping, name: str):
+    for key in d:
+        if not (isinstance(key, tuple) and len(key) == 2):
+            raise ValueError(f"{name} must be keyed by (t1, t2) token pairs, got key {key!r}")
+
+
+def context_coupling_fixed_input(ops_l: Mapping, svds_lp: Mapping, t1: int,
+                                 k: int | None = None, variants: Iterable[str] = ("normalized",),
+                                 n: int | None = None, causal: bool = True, s_l=None,
+                                 return_matrices: bool = False) -> dict:
+    """Context coupling at fixed input token ``t1``.
+
+    ``[t2, t2']`` = ``J^l_{t1 t2}`` against the vectors of ``J^{l'}_{t1 t2'}``.
+    ``ops_l[(t1, t2)]`` = ``J^l_{t1 t2}``, ``svds_lp[(t1, t2)]`` = triplets of
+    ``J^{l'}_{t1 t2}``, ``s_l[(t1, t2)]`` = singular values of ``J^l_{t1 t2}`` (abs only).
+    Grid is ``(n, n)`` indexed by output token; ``n`` defaults to 1 + the largest token
+    index in the keys.  Entries are nan where a key is missing and, when ``causal``, where
+    ``t2 < t1`` or ``t2' < t1`` (those Jacobians are zero in a causal model).
+    """
+    _check_keys(ops_l, "ops_l")
+    _check_keys(svds_lp, "svds_lp")
+    n = _infer_n(n, ops_l, svds_lp)
+    ok = (lambda t: t >= t1) if causal else (lambda t: True)
+    rows = [ops_l.get((t1, t)) if ok(t) else None for t in range(n)]
+    cols = [svds_lp.get((t1, t)) if ok(t) else None for t in range(n)]
+    s_rows = None if s_l is None else [s_l.get((t1, t)) for t in range(n)]
+    return pairwise_coupling(rows, cols, k, variants, s_a=s_rows,
+                             return_matrices=return_matrices)
+
+
+def context_coupling_fixed_output(ops_l: Mapping, svds_lp: Mapping, t2: int,
+                                  k: int | None = None, variants: Iterable[str] = ("normalized",),
+                                  n: int | None = None, causal: bool = True, s_l=None,
+                                  return_matrices: bool = False) -> dict:
+    """Context coupling at fixed output token ``t2``.
+
+    ``[t1, t1']`` = ``J^l_{t1 t2}`` against the vectors of ``J^{l'}_{t1' t2}``; same keys,
+    ``n`` and nan rules as :func:`context_coupling_fixed_input`, with the causal rule
+    ``t1, t1' <= t2``.
+    """
+    _check_keys(ops_l, "ops_l")
+    _check_keys(svds_lp, "svds_lp")
+    n = _infer_n(n, ops_l, svds_lp)
+    ok = (lambda t: t <= t2) if causal else (lambda t: True)
+    rows = [ops_l.get((t, t2)) if ok(t) else None for t in range(n)]
+    cols = [svds_lp.get((t, t2)) if ok(t) else None for t in range(n)]
+    s_rows = None if s_l is None else [s_l.get((t, t2)) for t in range(n)]
+    return pairwise_coupling(rows, cols, k, variants, s_a=s_rows,
+                             return_matrices=return_matrices)
