@@ -1,0 +1,152 @@
+"""The local scan end to end: API, CLI, output directory, bad input."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from coupling.cli import main
+from coupling.loading import TINY_MODEL_DIR
+from coupling.results import read_scan_output
+from coupling.scan import scan
+from coupling.zoo import save_random, small_config
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(TINY_MODEL_DIR / "checkpoints" / "step-0")
+
+
+@pytest.fixture(scope="module")
+def gpt2_folder(tmp_path_factory, tokenizer):
+    folder = tmp_path_factory.mktemp("gpt2")
+    cfg = small_config("gpt2", n_layers=3, d=32, vocab=len(tokenizer), max_pos=64)
+    return save_random(cfg, folder, tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="module")
+def scanned(gpt2_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("scan") / "out"
+    return scan(gpt2_folder, prompts="builtin", max_prompts=3, k=4, figures=False,
+                measures="depth,tokens,regularity", out=str(out), progress=False)
+
+
+def test_output_directory_layout(scanned):
+    out = scanned.out_dir
+    for name in ("manifest.json", "summary.parquet", "layers.parquet", "depth_coupling.npz",
+                 "token_coupling.npz", "pca.npz"):
+        assert (out / name).exists(), name
+    s = pd.read_parquet(out / "summary.parquet")
+    assert list(s.prompt_id[:1]) == ["capital_france"] and len(s) == 3
+    for col in ("prompt_id", "n_tokens", "depth_mis_coupling_mean", "depth_mis_coupling_raw_mean",
+                "lss", "expodistance"):
+        assert s[col].notna().all(), col
+    assert (s.lss >= 1).all() and s.depth_mis_coupling_mean.between(0, 1).all()
+    depth = np.load(out / "depth_coupling.npz")
+    assert depth["normalized"].shape == (3, 3, 3) and depth["raw"].shape == (3, 3, 3)
+    assert np.allclose(np.diagonal(depth["normalized"], axis1=1, axis2=2), 0, atol=1e-5)
+    # the per-prompt summary is the mean of the grid off the diagonal
+    off = ~np.eye(3, dtype=bool)
+    assert np.allclose(depth["normalized"][:, off].mean(1), s.depth_mis_coupling_mean)
+    layers = pd.read_parquet(out / "layers.parquet")
+    assert len(layers) == 3 * 4 and {"norm", "windowed_lss", "entropy", "sv_1", "sv_4"} <= set(layers)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["model"]["n_layers"] == 3 and m["config"]["k"] == 4
+    assert m["model"]["weights_sha256"] and "torch" in m["versions"] and m["timings"]["per_prompt_s"] > 0
+    tok = np.load(out / "token_coupling.npz")
+    n0 = int(tok["n_tokens"][0])
+    assert tok["self"].shape[1:] == (int(tok["n_tokens"].max()),) * 2
+    self0 = tok["self"][0][:n0, :n0]
+    assert np.isfinite(self0).all() and self0.min() >= 0 and self0.max() <= 1
+    fixed_out = tok["fixed_output"][0][:n0, :n0]       # t1, t1' <= t2 = last: all defined
+    assert np.isfinite(fixed_out).all()
+    assert list(tok["token_layers"][0]) == [1, 2]
+
+
+def test_scan_matches_direct_library_calls(scanned, gpt2_folder):
+    """The scan's depth grid equals coupling computed by hand from operators and exact SVDs."""
+    import torch
+    from coupling import block_jacobian, load_model, run_forward, top_k_svd
+    from coupling.coupling_metrics import coupling_matrix, mis_coupling
+    lm = load_model(gpt2_folder)
+    ids = lm.tokenizer("What is the capital of France? The capital is", return_tensors="pt")["input_ids"]
+    rec = run_forward(lm, ids)
+    ops = [block_jacobian(rec, l) for l in (1, 2, 3)]
+    svds = [top_k_svd(op, 4, "lanczos") for op in ops]     # matrix-free route
+    grid = np.array([[mis_coupling(coupling_matrix(ops[a], svds[b].U, svds[b].V))
+                      for b in range(3)] for a in range(3)])
+    got = np.load(scanned.out_dir / "depth_coupling.npz")["normalized"][0]
+    assert np.allclose(grid, got, atol=1e-4)
+
+
+def test_rerun_into_finished_directory_says_so(scanned, gpt2_folder, capsys):
+    rc = main(["scan", "--model", gpt2_folder, "--out", str(scanned.out_dir), "--max-prompts", "1"])
+    assert rc == 2
+    assert "already holds a finished scan" in capsys.readouterr().err
+
+
+def _one_line_error(capsys, argv, expect):
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc != 0
+    # progress bars (weight loading) may precede it; the error itself is one line, no traceback
+    assert "Traceback" not in err, err
+    last = err.splitlines()[-1]
+    assert last.startswith("coupling: error:"), err
+    assert expect in last, err
+
+
+def test_bad_input_gives_one_line_errors(tmp_path, gpt2_folder, capsys):
+    out = tmp_path / "o"
+    base = ["scan", "--out", str(out), "--no-figures"]
+    _one_line_error(capsys, base + ["--model", str(tmp_path / "nope")], "does not exist")
+    _one_line_error(capsys, base + ["--model", gpt2_folder, "--k", "500"], "K=500")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"id": "e", "text": "   "}\n')
+    _one_line_error(capsys, base + ["--model", gpt2_folder, "--prompts", str(empty)], "empty")
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"id": "long1", "text": "word " * 400}) + "\n")
+    _one_line_error(capsys, base + ["--model", gpt2_folder, "--prompts", str(long)], "long1")
+    _one_line_error(capsys, base + ["--model", gpt2_folder, "--prompts", "nosuch"], "unknown prompt source")
+    _one_line_error(capsys, base + ["--model", gpt2_folder, "--measures", "depth,colour"], "unknown measure")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    _one_line_error(capsys, ["scan", "--model", gpt2_folder, "--out", str(blocker / "sub")],
+                    "cannot write")
+    assert not out.exists()  # nothing left behind by any failure
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+    with pytest.raises(SystemExit) as e:
+        main(["scan", "--colour", "red"])
+    assert e.value.code != 0
+
+
+def test_unknown_family_says_how_to_fix(tmp_path, capsys):
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "not-a-family"}))
+    _one_line_error(capsys, ["scan", "--model", str(folder), "--out", str(tmp_path / "o")],
+                    "could not load model")
+
+
+def test_yaml_config_and_unknown_key(tmp_path, gpt2_folder, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {gpt2_folder}\nmax_prompts: 2\nk: 3\nfigures: false\n")
+    rc = main(["scan", "--config", str(cfg), "--out", str(tmp_path / "o")])
+    assert rc == 0
+    r = read_scan_output(tmp_path / "o")
+    assert len(r.summary) == 2 and r.manifest["config"]["k"] == 3
+    cfg.write_text("k: 3\ncolour: red\n")
+    _one_line_error(capsys, ["scan", "--config", str(cfg), "--out", str(tmp_path / "o2")],
+                    "unknown config key")
+
+
+def test_console_script_runs(tmp_path, gpt2_folder):
+    out = tmp_path / "cli"
+    proc = subprocess.run([sys.executable, "-m", "coupling.cli", "scan", "--model", gpt2_folder,
+                           "--max-prompts", "2", "--k", "3", "--out", str(out), "--no-figures"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "mis-coupling" in proc.stdout and (out / "summary.parquet").exists()
