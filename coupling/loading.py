@@ -117,9 +117,10 @@ def _load_tokenizer(source, common):
 
 def _load_hint(source, revision, err) -> str:
     where = f" at revision {revision!r}" if revision else ""
-    if os.path.sep in source or source.startswith("."):
-        if not Path(source).exists():
-            return f"model folder {source!r} does not exist: pass a save_pretrained folder or a hub id"
+    # hub ids look like "name" or "org/name"; anything else is meant as a folder
+    looks_like_path = source.startswith((".", "/", "~")) or source.count("/") > 1
+    if looks_like_path and not Path(source).expanduser().exists():
+        return f"model folder {source!r} does not exist: pass a save_pretrained folder or a hub id"
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return (f"could not load model {source!r}{where}: {first} "
             "(check the id/path; offline machines need a local save_pretrained folder)")
