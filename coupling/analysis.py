@@ -258,6 +258,6 @@ def _regularity(lm, record, settings, res):
         layers["entropy"] = H[:, -1]
         layers["entropy_mean_tokens"] = H.mean(1)
     res.layers = layers
-    if n >= 2:
+    if n >= 3:   # a 2-component PCA fitted on the last layer's n states needs n >= 3
         res.pca = reg.pca_projection(X, 2).projections.astype(np.float32)
 

@@ -150,3 +150,25 @@ def test_console_script_runs(tmp_path, gpt2_folder):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "mis-coupling" in proc.stdout and (out / "summary.parquet").exists()
+
+
+def test_deflated_and_all_token_options(gpt2_folder):
+    import torch
+    from coupling import load_model, run_forward
+    from coupling.analysis import ScanSettings, analyze_prompt, layer_jacobians
+    lm = load_model(gpt2_folder)
+    ids = lm.tokenizer("One two three four five", return_tensors="pt")["input_ids"]
+    rec = run_forward(lm, ids)
+    n = rec.n_tokens
+    plain = analyze_prompt(lm, ids, ScanSettings(k=4), record=rec)
+    defl = analyze_prompt(lm, ids, ScanSettings(k=4, deflate_ln=True), record=rec)
+    assert not np.allclose(plain.depth_normalized, defl.depth_normalized)
+    # the deflated Jacobians kill the all-ones direction and the block input x^{l-1}_t
+    J = layer_jacobians(rec, [2], n - 1, ScanSettings(k=4, deflate_ln=True), lm.model)[2]
+    x_in = rec.hidden_states[1, n - 1]
+    assert (J @ torch.ones(J.shape[1])).abs().max() < 1e-4
+    assert (J @ x_in).abs().max() < 1e-4 * x_in.norm()
+    allt = analyze_prompt(lm, ids, ScanSettings(k=4, token="all"), record=rec)
+    per_token = [analyze_prompt(lm, ids[:, :t + 1], ScanSettings(k=4)).depth_normalized
+                 for t in range(n)]   # causal: token t's J_tt only sees the prefix
+    assert np.allclose(allt.depth_normalized, np.mean(per_token, axis=0), atol=1e-4)
