@@ -17,7 +17,7 @@ from coupling.zoo import save_random, small_config
 @pytest.fixture(scope="module")
 def tokenizer():
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(TINY_MODEL_DIR / "checkpoints" / "step-0")
+    return AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
 
 
 @pytest.fixture(scope="module")
