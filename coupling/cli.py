@@ -102,14 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="coupling", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     add_scan_parser(sub)
-    for module, fn in (("report", "add_report_parser"), ("correlate", "add_correlate_parser"),
-                       ("perturb", "add_perturb_parser")):
-        try:
-            mod = __import__(f"coupling.{module}", fromlist=[fn])
-        except ImportError:
-            continue
-        if hasattr(mod, fn):
-            getattr(mod, fn)(sub)
+    from .checkpoints import add_checkpoints_parser
+    from .correlate import add_correlate_parser
+    from .perturb import add_perturb_parser
+    from .report import add_report_parser
+
+    for add in (add_report_parser, add_correlate_parser, add_perturb_parser,
+                add_checkpoints_parser):
+        add(sub)
     return parser
 
 
