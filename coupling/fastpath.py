@@ -1,0 +1,664 @@
+"""Fast block Jacobians: differentiate only the tokens a Jacobian can depend on.
+
+``J^l_{t1 t2} = d f^l(X)_{t2} / d x_{t1}`` (METHODS.md, Eq. 8).  The reference way (the paper
+authors') pushes every product through the block applied to the *whole* prompt, ``n``
+tokens, although in a causal model:
+
+* ``J_{tt}`` depends only on token ``t``'s own path through the block: the keys/values of
+  the tokens ``< t`` do not depend on ``x_t`` and those of tokens ``> t`` are masked out.
+  With the prefix's keys/values held fixed -- exactly the KV cache of generation -- the
+  residual branch at token ``t`` is a function of ``x_t`` alone, ``g: (1, 1, d) -> (1, 1, d)``
+  (:func:`token_function`), and each product costs one token instead of ``n``.
+* ``J_{t1 t2}`` with ``t1 < t2`` only involves tokens ``<= t2``: the block applied to the
+  truncated prompt ``X[:, :t2+1]`` gives it exactly (``t2 + 1`` tokens per product).
+
+How it is built, generically for every Hugging Face family (GPT-2, GPT-NeoX, Llama,
+Mistral, Qwen2, Gemma, Phi, Falcon...): the block's recorded call (:class:`BlockCall`) is
+bound to the block's signature, the per-token arguments are indexed (attention-mask rows
+and columns, ``position_ids``, ``cache_position``, rotary ``position_embeddings``, ALiBi),
+and a one-layer cache (:class:`_PrefixKV`, a ``transformers.Cache``) is passed in the
+block's cache argument (``past_key_values`` / ``layer_past``).  One full-prompt call with the
+cache in *record* mode captures every token's keys/values (post-rotary, as the attention
+layer caches them); afterwards the cache returns ``cat(K[:t], k_new)`` from ``update`` and
+stores nothing, so it cannot grow across products.
+
+Products are batched as *token copies*, not with ``vmap``: ``k`` products are one block call
+on ``k`` copies of token ``t`` appended after the cached prefix (same position, rotary angle
+and mask row), each copy masked so that it sees the prefix and itself only
+(:meth:`FastBlock.copies_function`).  The prefix keys/values are then shared by the ``k``
+products.  Under ``vmap`` over the one-token function (which also works) the backward pass
+materialises the gradient of the whole concatenated ``K``/``V`` per product, which costs more
+than the one-token product itself at ``n = 64`` (BENCHMARKS.md, ``dense-vmap``).
+
+Every local function is checked once against the full prompt (``verify``); if a family does
+not fit these rules it falls back, with a warning, to the truncated prompt, then to the full
+prompt, so results are always those of the reference.  Non-causal blocks (BERT, ViT) use
+the full prompt.
+
+Conventions: ``t`` indexes tokens of the recorded prompt (negative counts from the end);
+Jacobians are ``(d_out, d_in)``; products are taken in ``compute_dtype`` (float32 copies of
+bf16/fp16 blocks, as :func:`coupling.blocks.residual_branch` does).
+"""
+from __future__ import annotations
+
+import inspect
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch.func import vjp
+
+from .blocks import BlockCall, first_tensor, float32_block
+from .jacobian import BlockJacobian, check_finite, exact_jacobians
+from .linop import LinearOperator
+from .svd import SVDResult, randomized_svd, svd_of_dense, top_k_svd
+
+try:  # a real Cache subclass, so families that type-check the cache accept it
+    from transformers.cache_utils import Cache as _CacheBase
+except ImportError:  # pragma: no cover - transformers is a dependency
+    _CacheBase = object
+
+# Names of a block's cache argument across families (transformers 4.x and 5.x).
+CACHE_PARAMS = ("past_key_values", "past_key_value", "layer_past")
+# Per-argument slicing rules: "qk" = (..., query, key) masks, "q" = per-query positions in the
+# last dim, "q2" = per-query tables in dim -2 (rotary cos/sin), "k" = per-key biases.
+SLICE_RULES = {
+    "attention_mask": "qk", "causal_mask": "qk",
+    "position_ids": "q", "cache_position": "q",
+    "position_embeddings": "q2",
+    "alibi": "k",
+}
+# Relative tolerance of the one-time check of a local function against the full prompt: far
+# above round-off (some families compute softmax/RMSNorm in float32 even for float64 weights),
+# far below what a wrong mask, position or cache produces (O(1e-2) and more).
+VERIFY_RTOL = {torch.float64: 1e-6, torch.float32: 1e-4}
+SVD_METHODS = ("auto", "dense", "dense-lanczos", "lanczos", "randomized")
+# Products per batch of token copies.  Measured on CPU (BENCHMARKS.md): 64-256 copies make the
+# block's matmuls efficient; larger batches only add attention work among the masked copies.
+DENSE_CHUNK = 128
+
+
+class NotCausalError(ValueError):
+    """The block is not causal (BERT, ViT): no one-token function exists."""
+
+
+class _Unsliceable(Exception):
+    pass
+
+
+# ------------------------------------------------------------------------------------------
+# the one-layer cache
+# ------------------------------------------------------------------------------------------
+class _PrefixKV(_CacheBase):
+    """A one-layer KV cache for one block call (``layer_idx`` is ignored).
+
+    ``prefix=None`` (record mode): ``update`` stores the keys/values it is given and returns
+    them unchanged, so the block computes exactly as without a cache.  ``prefix=[(K, V),
+    ...]`` (frozen mode): the i-th ``update`` of the call returns ``cat(K_i, k)``, ``cat(V_i,
+    v)`` along the sequence axis and stores nothing.  One entry per attention in the block.
+    """
+
+    def __init__(self, prefix=None):
+        if _CacheBase is not object:
+            super().__init__(layers=[])
+        self.prefix = prefix
+        self.recorded: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._i = 0
+
+    def update(self, key_states, value_states, layer_idx=None, *args, **kwargs):
+        if self.prefix is None:
+            self.recorded.append((key_states.detach(), value_states.detach()))
+            return key_states, value_states
+        if self._i >= len(self.prefix):
+            raise _Unsliceable("the block updated its cache more often than when recorded")
+        K, V = self.prefix[self._i]
+        self._i += 1
+        return torch.cat([K, key_states], dim=-2), torch.cat([V, value_states], dim=-2)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0 if not self.prefix else self.prefix[0][0].shape[-2]
+
+
+# ------------------------------------------------------------------------------------------
+# binding and slicing a recorded call
+# ------------------------------------------------------------------------------------------
+def _bind(call: BlockCall, module) -> tuple[str, dict, str | None]:
+    """``(hidden_name, other_arguments, cache_name)`` of a recorded call, all by name."""
+    sig = inspect.signature(module.forward)
+    try:
+        bound = sig.bind_partial(*call.args, **call.kwargs)
+    except TypeError as e:
+        raise _Unsliceable(f"cannot bind the recorded call to {type(module).__name__}: {e}")
+    flat = {}
+    for name, value in bound.arguments.items():
+        kind = sig.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            flat.update(value)
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            if value:
+                raise _Unsliceable(f"{type(module).__name__} takes *args")
+        else:
+            flat[name] = value
+    hidden = next(iter(sig.parameters))
+    if call.hidden_in_kwargs:
+        hidden = "hidden_states"
+    flat.pop(hidden, None)
+    cache = next((p for p in CACHE_PARAMS if p in sig.parameters), None)
+    if cache is None and any(p.kind is inspect.Parameter.VAR_KEYWORD
+                             for p in sig.parameters.values()):
+        cache = "past_key_values"   # transformers 5 passes it on through **kwargs
+    return hidden, flat, cache
+
+
+def _index_tensor(x: torch.Tensor, rule: str, n: int, q, k, block, name: str):
+    """Gather the rows ``q`` / columns ``k`` of one per-token tensor (see ``SLICE_RULES``)."""
+    if rule == "qk":
+        if x.ndim >= 3 and x.shape[-2] in (n, 1) and x.shape[-1] == n:   # (.., query, key)
+            if x.shape[-2] == n:
+                x = x.index_select(-2, q)
+            elif block is not None:
+                x = x.expand(*x.shape[:-2], len(q), n)
+            x = x.index_select(-1, k)
+            if block is not None:   # copies of token t must not see each other
+                x = x & ~block if x.dtype == torch.bool else \
+                    x.masked_fill(block, torch.finfo(x.dtype).min)
+            return x
+        if x.ndim == 2 and x.shape[-1] == n and block is None:          # (batch, key) padding
+            return x.index_select(-1, k)
+    elif rule == "q" and x.shape[-1] == n:
+        return x.index_select(-1, q)
+    elif rule == "q2" and x.ndim >= 2 and x.shape[-2] == n:
+        return x.index_select(-2, q)
+    elif rule == "k" and x.shape[-1] == n:
+        x = x.index_select(-1, k)
+        return x.index_select(-2, q) if x.ndim >= 2 and x.shape[-2] == n else x
+    if n not in x.shape:                # nothing per-token in it (e.g. a (1, 1, 1, 1) mask)
+        return x
+    raise _Unsliceable(f"argument {name!r} of shape {tuple(x.shape)} does not follow its rule")
+
+
+def _index_value(value, rule: str | None, n: int, q, k, block, name: str):
+    if isinstance(value, torch.Tensor):
+        if rule is None:
+            if n > 1 and n in value.shape:
+                raise _Unsliceable(f"unknown per-token argument {name!r} {tuple(value.shape)}")
+            return value
+        dev = value.device
+        return _index_tensor(value, rule, n, q.to(dev), k.to(dev),
+                             None if block is None else block.to(dev), name)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_index_value(v, rule, n, q, k, block, name) for v in value)
+    if isinstance(value, dict):
+        return {key: _index_value(v, rule, n, q, k, block, f"{name}[{key!r}]")
+                for key, v in value.items()}
+    return value
+
+
+def _indexed_arguments(args: dict, n: int, q: Sequence[int], k: Sequence[int],
+                       block: torch.Tensor | None = None, dtype=torch.float32) -> dict:
+    """The recorded arguments for query tokens ``q`` attending to key tokens ``k``.
+
+    ``block`` ``(len(q), len(k))`` bool: extra (query, key) pairs to mask out.
+    """
+    q = torch.as_tensor(list(q), dtype=torch.long)
+    k = torch.as_tensor(list(k), dtype=torch.long)
+    out = {name: _index_value(v, SLICE_RULES.get(name), n, q, k, block, name)
+           for name, v in args.items()}
+    if block is not None and all(out.get(m) is None for m in ("attention_mask", "causal_mask")):
+        # the recorded call had no mask (a causal kernel did the masking): build an additive one
+        if "causal_mask" in out and "attention_mask" not in out:
+            raise _Unsliceable("no attention mask to keep the copies of token t apart")
+        out["attention_mask"] = torch.zeros(block.shape, dtype=dtype).masked_fill(
+            block, torch.finfo(dtype).min)[None, None]
+    return out
+
+
+def is_causal(call: BlockCall) -> bool:
+    """Whether the recorded call is causal: token ``t`` sees no token ``> t``.
+
+    Read from the recorded attention mask when there is a ``(.., n, n)`` one (every entry
+    above the diagonal masked: ``False`` or ``<= -1e4``); otherwise from the ``is_causal``
+    flags of the block's attention modules (none -> not causal, the safe answer).
+    """
+    n = call.input.shape[1]
+    if n == 1:
+        return True
+    try:
+        _, args, _ = _bind(call, call.module)
+    except _Unsliceable:
+        args = dict(call.kwargs)
+    masks = args.get("attention_mask", args.get("causal_mask"))
+    masks = list(masks.values()) if isinstance(masks, dict) else [masks]
+    if all(isinstance(m, torch.Tensor) and m.ndim >= 2 and m.shape[-2:] == (n, n) for m in masks):
+        upper = torch.ones(n, n, dtype=torch.bool, device=masks[0].device).triu(1)
+        return all(bool((~m[..., upper]).all()) if m.dtype == torch.bool
+                   else bool((m[..., upper] <= -1e4).all()) for m in masks)
+    flags = [m.is_causal for m in call.module.modules()
+             if isinstance(getattr(m, "is_causal", None), bool)]
+    return bool(flags) and all(flags)
+
+
+# ------------------------------------------------------------------------------------------
+# the fast block: local residual-branch functions of one recorded call
+# ------------------------------------------------------------------------------------------
+@dataclass
+class LocalProblem:
+    """The smallest function giving ``J_{t1 t2}`` exactly.
+
+    ``fn: (1, m, d) -> (1, m, d)`` residual branch on ``m`` tokens, evaluated at ``x``
+    ``(1, m, d)``; ``J_{t1 t2} = d fn(x)[0, row_out] / d x[0, row_in]``.  ``kind`` is
+    ``"one-token"`` (m = 1, prefix K/V fixed), ``"truncated"`` (m = t2 + 1), ``"full"``
+    (m = n: non-causal blocks, or the fallback) or ``"zero"`` (t1 > t2 in a causal block).
+    For ``"one-token"``, ``copies(B)`` is the same function on ``B`` independent copies of
+    the token, ``(1, B, d) -> (1, B, d)``, used to batch products without ``vmap``.
+    """
+
+    fn: Callable
+    x: torch.Tensor
+    row_in: int
+    row_out: int
+    kind: str
+    copies: Callable[[int], Callable] | None = None
+
+    @property
+    def tokens(self) -> int:
+        """Tokens pushed through the block per product."""
+        return self.x.shape[1]
+
+    def operator(self, chunk: int = DENSE_CHUNK, name: str = "block") -> LinearOperator:
+        """``TokenJacobian`` (one-token kind) or a ``BlockJacobian`` on ``fn``."""
+        if self.copies is not None:
+            return TokenJacobian(self.copies, self.x, chunk=chunk, name=name)
+        return BlockJacobian(self.fn, self.x, self.row_in, self.row_out, chunk=chunk, name=name)
+
+
+class TokenJacobian(LinearOperator):
+    """Matrix-free ``J_{tt}`` from the one-token function, products batched as token copies.
+
+    ``k`` products are ONE call of the block on ``k`` copies of token ``t`` (each sees the
+    prefix keys/values and itself, not the other copies): ``J.T @ M`` is a reverse-mode
+    ``vjp`` (the forward is kept and reused while ``k`` does not change), ``J @ M`` the
+    reverse-mode derivative of that linear map (double backward).  Unlike ``vmap`` over the
+    one-token function, the prefix keys/values are shared by all products instead of being
+    broadcast (and their gradients materialised) per product.
+    """
+
+    def __init__(self, copies: Callable[[int], Callable], x: torch.Tensor,
+                 chunk: int = DENSE_CHUNK, name: str = "block"):
+        self.copies, self.x = copies, x.detach().reshape(1, 1, -1)
+        d = self.x.shape[-1]
+        self.shape, self.dtype, self.device = (d, d), x.dtype, x.device
+        self.chunk, self.name = int(chunk), name
+        self.n_products = 0
+        self._pull = (0, None)   # (k, vjp function) of the last reverse-mode batch size
+
+    def _xb(self, k: int) -> torch.Tensor:
+        return self.x.expand(1, k, self.x.shape[-1]).contiguous()
+
+    def _pullback(self, k: int):
+        """The VJP function of ``k`` copies (the forward is done once per batch size)."""
+        if self._pull[0] != k:     # ARPACK calls with the same k again and again
+            self._pull = (k, vjp(self.copies(k), self._xb(k))[1])
+        return self._pull[1]
+
+    def _matmat(self, M):
+        # J @ M as the derivative of the (linear) map u -> J^T u: reverse over reverse.
+        # Measured 1.5-3x cheaper than forward mode (torch.func.jvp) through HF blocks.
+        outs = []
+        for s in range(0, M.shape[1], self.chunk):
+            T = M[:, s:s + self.chunk].T.contiguous()[None]          # (1, k, d)
+            k = T.shape[1]
+            pull = self._pullback(k)
+            zero = torch.zeros_like(T)
+            _, pull2 = vjp(lambda u: pull(u)[0], zero)
+            outs.append(pull2(T)[0][0].T)
+            self.n_products += k
+        return check_finite(torch.cat(outs, 1), self._what())
+
+    def _rmatmat(self, M):
+        outs = []
+        for s in range(0, M.shape[1], self.chunk):
+            C = M[:, s:s + self.chunk].T.contiguous()[None]
+            k = C.shape[1]
+            outs.append(self._pullback(k)(C)[0][0].T)
+            self.n_products += k
+        return check_finite(torch.cat(outs, 1), self._what())
+
+    def _what(self) -> str:
+        return f"the Jacobian of {self.name}"
+
+
+class FastBlock:
+    """Local residual-branch functions of one recorded block call.
+
+    ``f(X) = block(X) - X`` (or ``norm(block(X)) - X`` with ``final_norm``), in
+    ``compute_dtype``.  The whole prompt's keys/values are captured once, on first use (one
+    block call on ``n`` tokens); each local function is checked once against the full
+    prompt when ``verify`` (one extra call on its own tokens).
+    """
+
+    def __init__(self, call: BlockCall, compute_dtype: torch.dtype = torch.float32,
+                 final_norm: torch.nn.Module | None = None, verify: bool = True,
+                 name: str | None = None):
+        if call.input.ndim != 3 or call.input.shape[0] != 1:
+            raise ValueError(f"expected a recorded call on one prompt (1, n, d), got input "
+                             f"shape {tuple(call.input.shape)}")
+        self.module = float32_block(call.module, compute_dtype)
+        self.call = call.cast(compute_dtype)
+        self.norm = float32_block(final_norm, compute_dtype) if final_norm is not None else None
+        self.dtype, self.verify = compute_dtype, verify
+        self.X = self.call.input.to(compute_dtype).detach()
+        self.n, self.d = self.X.shape[1], self.X.shape[2]
+        self.name = name or f"block {call.index + 1}"
+        self.causal = is_causal(call)
+        self._kv = None          # per-attention (K, V) of the whole prompt
+        self._full_out = None    # f(X) on the whole prompt, for verification
+        self._copies = {}        # (t, B) -> copies function
+        self._broken: set[str] = set()   # local kinds that failed to bind or verify
+        self._verified: set[tuple[str, int]] = set()
+
+    # -- the local functions ---------------------------------------------------------------
+    def full_function(self) -> Callable:
+        """``f: (1, n, d) -> (1, n, d)`` on the whole prompt, as recorded."""
+        def f(x):
+            return self._finish(self.call.replay(x, self.module), x)
+        return f
+
+    def truncated_function(self, t2: int) -> Callable:
+        """``f: (1, t2+1, d) -> (1, t2+1, d)``: the block on the prompt's first ``t2+1`` tokens."""
+        t2 = self._token(t2)
+        self._require_causal()
+        _, args, _ = _bind(self.call, self.module)
+        rows = range(t2 + 1)
+        args = _indexed_arguments(args, self.n, rows, rows)
+
+        def f(x):
+            return self._finish(self._call(x, args), x)
+        return f
+
+    def copies_function(self, t: int, B: int) -> Callable:
+        """``G: (1, B, d) -> (1, B, d)``: row ``i`` is the residual branch at token ``t`` when
+        ``x_t`` is replaced by row ``i``, the keys/values of tokens ``< t`` held fixed.
+
+        The ``B`` rows are copies of token ``t`` (same position, rotary angle, ALiBi bias
+        and mask row) appended after the cached prefix; each attends to the prefix and to
+        itself only.  Rows are independent, so ``dG`` is block diagonal with blocks ``J_tt``.
+        """
+        t = self._token(t)
+        if (t, B) in self._copies:
+            return self._copies[(t, B)]
+        self._require_causal()
+        _, args, cache_name = _bind(self.call, self.module)
+        if cache_name is None:
+            raise _Unsliceable(f"{type(self.module).__name__} takes no cache argument")
+        block = ~torch.eye(B, dtype=torch.bool)                   # copies see themselves only
+        block = torch.cat([torch.zeros(B, t, dtype=torch.bool), block], 1)
+        args = _indexed_arguments(args, self.n, [t] * B, list(range(t)) + [t] * B,
+                                  block if B > 1 else None, self.dtype)
+        if "use_cache" in args:
+            args["use_cache"] = True
+        prefix = [(K[..., :t, :], V[..., :t, :]) for K, V in self._prefix_kv()]
+
+        def G(x):
+            # a fresh cache per call: nothing is stored, nothing leaks out of vmap
+            return self._finish(self._call(x, {**args, cache_name: _PrefixKV(prefix)}), x)
+
+        if len(self._copies) > 64:   # bounded memo (ARPACK reuses a few batch sizes)
+            self._copies.clear()
+        self._copies[(t, B)] = G
+        return G
+
+    def token_function(self, t: int) -> Callable:
+        """``g: (1, 1, d) -> (1, 1, d)``: the residual branch at token ``t`` as a function of
+        ``x_t`` alone, the keys/values of tokens ``< t`` held fixed (a KV cache)."""
+        return self.copies_function(t, 1)
+
+    def local(self, t1: int, t2: int) -> LocalProblem:
+        """The cheapest exact :class:`LocalProblem` for ``J_{t1 t2}``."""
+        t1, t2 = self._token(t1), self._token(t2)
+        if not self.causal:
+            return LocalProblem(self.full_function(), self.X, t1, t2, "full")
+        if t1 > t2:
+            return LocalProblem(self.full_function(), self.X, t1, t2, "zero")
+        if t1 == t2 and "one-token" not in self._broken:
+            x = self.X[:, t2:t2 + 1]
+            if self._checked("one-token", t2, lambda: self.copies_function(t2, 2),
+                             lambda: self._check_copies(t2)):
+                return LocalProblem(self.token_function(t2), x, 0, 0, "one-token",
+                                    lambda B: self.copies_function(t2, B))
+        if "truncated" not in self._broken:
+            if self._checked("truncated", t2, lambda: self.truncated_function(t2),
+                             lambda: self._check_truncated(t2)):
+                return LocalProblem(self.truncated_function(t2), self.X[:, :t2 + 1], t1, t2,
+                                    "truncated")
+        return LocalProblem(self.full_function(), self.X, t1, t2, "full")
+
+    # -- Jacobians -------------------------------------------------------------------------
+    def operator(self, t1: int = -1, t2: int = -1, chunk: int = DENSE_CHUNK) -> LinearOperator:
+        """Matrix-free ``J_{t1 t2}``: a :class:`TokenJacobian` when ``t1 == t2`` in a causal
+        block, else a :class:`BlockJacobian` on the truncated (or full) prompt."""
+        lp = self.local(t1, t2)
+        return lp.operator(chunk, f"{self.name} at tokens (t1={self._token(t1)}, "
+                                  f"t2={self._token(t2)})")
+
+    def jacobian(self, t1: int = -1, t2: int = -1, mode: str = "vjp",
+                 chunk: int = DENSE_CHUNK) -> torch.Tensor:
+        """Dense ``J_{t1 t2}`` ``(d, d)`` from ``d`` products: rows ``J^T e_i`` (``mode="vjp"``,
+        the default and the fastest) or columns ``J e_j`` (``"jvp"``: double backward on the
+        one-token function, forward mode on the truncated/full prompt)."""
+        if mode not in ("vjp", "jvp"):
+            raise ValueError(f"mode must be 'vjp' or 'jvp', got {mode!r}")
+        lp = self.local(t1, t2)
+        if lp.kind == "zero":
+            return torch.zeros(self.d, self.d, dtype=self.dtype, device=self.X.device)
+        eye = torch.eye(self.d, dtype=self.dtype, device=self.X.device)
+        op = lp.operator(chunk, f"{self.name} at tokens (t1={self._token(t1)}, "
+                                f"t2={self._token(t2)})")
+        return op.rmatmat(eye).T if mode == "vjp" else op @ eye
+
+    def jacobians(self, t2: int = -1, t1s: Sequence[int] | None = None,
+                  chunk: int = 64) -> torch.Tensor:
+        """Dense ``J_{t1 t2}`` for all ``t1`` in ``t1s`` (default all): ``(len(t1s), d, d)``.
+
+        Like :func:`coupling.jacobian.exact_jacobians` (one VJP sweep at output ``t2``), on
+        the truncated prompt ``X[:, :t2+1]``; entries with ``t1 > t2`` of a causal block are 0.
+        """
+        t2 = self._token(t2)
+        t1s = list(range(self.n)) if t1s is None else [self._token(t) for t in t1s]
+        out = torch.zeros(len(t1s), self.d, self.d, dtype=self.dtype, device=self.X.device)
+        reach = [i for i, t in enumerate(t1s) if t <= t2 or not self.causal]
+        if reach:
+            lp = self.local(0, t2) if self.causal else self.local(t2, t2)
+            rows = [t1s[i] for i in reach]
+            out[reach] = exact_jacobians(lp.fn, lp.x, lp.row_out, rows, chunk, self.name)
+        return out
+
+    # -- internals -------------------------------------------------------------------------
+    def _call(self, x, args: dict):
+        if self.call.hidden_in_kwargs:
+            return self.module(hidden_states=x, **args)
+        return self.module(x, **args)
+
+    def _finish(self, out, x):
+        out = first_tensor(out)
+        if self.norm is not None:
+            out = self.norm(out)
+        return out - x
+
+    def _token(self, t: int) -> int:
+        if not isinstance(t, int) or isinstance(t, bool):
+            raise ValueError(f"token index must be an int, got {t!r}")
+        if not -self.n <= t < self.n:
+            raise ValueError(f"token index {t} out of range for a prompt of {self.n} tokens")
+        return t % self.n
+
+    def _require_causal(self):
+        if not self.causal:
+            raise NotCausalError(
+                f"{self.name} ({type(self.module).__name__}) is not causal: token t sees later "
+                "tokens, so J_tt needs the whole prompt; use FastBlock.local/operator/jacobian, "
+                "which fall back to the full-prompt function")
+
+    @torch.no_grad()
+    def _prefix_kv(self):
+        """Every attention's (K, V) of the whole prompt, from one recorded block call."""
+        if self._kv is None:
+            _, args, cache_name = _bind(self.call, self.module)
+            if cache_name is None:
+                raise _Unsliceable(f"{type(self.module).__name__} takes no cache argument")
+            cache = _PrefixKV()
+            kw = {**args, cache_name: cache}
+            if "use_cache" in kw:
+                kw["use_cache"] = True
+            out = self._call(self.X, kw)
+            if not cache.recorded:
+                raise _Unsliceable(f"{type(self.module).__name__} never used its cache")
+            self._kv = cache.recorded
+            self._full_out = self._finish(out, self.X)
+        return self._kv
+
+    @torch.no_grad()
+    def _reference(self) -> torch.Tensor:
+        if self._full_out is None:
+            self._full_out = self.full_function()(self.X)
+        return self._full_out
+
+    @torch.no_grad()
+    def _check_copies(self, t: int) -> float:
+        """Largest relative error of the one-token (B = 1) and two-copy functions."""
+        want = self._reference()[:, t:t + 1]
+        x = self.X[:, t:t + 1]
+        errs = [_rel(self.copies_function(t, 1)(x), want),
+                _rel(self.copies_function(t, 2)(x.expand(1, 2, self.d)), want.expand(1, 2, -1))]
+        return max(errs)
+
+    @torch.no_grad()
+    def _check_truncated(self, t2: int) -> float:
+        return _rel(self.truncated_function(t2)(self.X[:, :t2 + 1]),
+                    self._reference()[:, :t2 + 1])
+
+    def _checked(self, kind: str, t: int, build: Callable, check: Callable[[], float]) -> bool:
+        """Whether the ``kind`` function at token ``t`` builds and (when ``verify``) matches
+        the full prompt; checked once per (kind, t)."""
+        if (kind, t) in self._verified:
+            return True
+        try:
+            build()
+            err = check() if self.verify else 0.0
+            tol = VERIFY_RTOL.get(self.dtype, 1e-2)
+            if err <= tol:
+                self._verified.add((kind, t))
+                return True
+            reason = f"differs from the full prompt by {err:.2e} (relative, tol {tol:.0e})"
+        except (_Unsliceable, TypeError, ValueError, RuntimeError, AttributeError,
+                IndexError) as e:
+            reason = f"{type(e).__name__}: {e}"
+        self._broken.add(kind)
+        warnings.warn(f"{self.name} ({type(self.module).__name__}): the {kind} function is not "
+                      f"usable ({reason}); falling back to a longer prompt (slower, still exact)",
+                      RuntimeWarning, stacklevel=3)
+        return False
+
+
+def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    if got.shape != want.shape:
+        raise ValueError(f"shape {tuple(got.shape)} instead of {tuple(want.shape)}")
+    return float((got - want).norm() / want.norm().clamp_min(1e-30))
+
+
+# ------------------------------------------------------------------------------------------
+# module-level API
+# ------------------------------------------------------------------------------------------
+def token_function(call: BlockCall, t: int, compute_dtype: torch.dtype = torch.float32,
+                   final_norm: torch.nn.Module | None = None) -> Callable:
+    """``g(x: (1, 1, d)) -> (1, 1, d)``: residual branch at token ``t`` with only ``x_t`` free.
+
+    Raises :class:`NotCausalError` for non-causal blocks and ``ValueError`` for blocks that
+    cannot be called on one token with a cache.  Not verified (use :class:`FastBlock` or
+    :func:`fast_operator` for the checked version that falls back to longer prompts).
+    """
+    try:
+        return FastBlock(call, compute_dtype, final_norm, verify=False).token_function(t)
+    except _Unsliceable as e:
+        raise ValueError(f"block {call.index + 1} ({type(call.module).__name__}) cannot be "
+                         f"called on one token with its prefix cached: {e}; use "
+                         "FastBlock(call).operator(t, t), which falls back to the truncated "
+                         "prompt") from None
+
+
+def fast_operator(call: BlockCall, t1: int = -1, t2: int = -1, *,
+                  compute_dtype: torch.dtype = torch.float32, final_norm=None,
+                  chunk: int = DENSE_CHUNK) -> LinearOperator:
+    """Matrix-free ``J_{t1 t2}`` whose products touch only the tokens it depends on."""
+    return FastBlock(call, compute_dtype, final_norm).operator(t1, t2, chunk)
+
+
+def fast_jacobian(call: BlockCall, t: int = -1, method: str = "vjp", *, t1: int | None = None,
+                  compute_dtype: torch.dtype = torch.float32, final_norm=None,
+                  chunk: int = DENSE_CHUNK) -> torch.Tensor:
+    """Dense ``J_{t1 t}`` ``(d, d)`` (``t1`` defaults to ``t``) from ``d`` one-token products:
+    rows by VJP (``method="vjp"``) or columns (``"jvp"``); see :meth:`FastBlock.jacobian`."""
+    fb = FastBlock(call, compute_dtype, final_norm)
+    return fb.jacobian(t if t1 is None else t1, t, mode=method, chunk=chunk)
+
+
+# ``auto``: the full SVD of the dense one-token J below this width or when K is a large
+# fraction of d; ARPACK on the dense J otherwise (BENCHMARKS.md: at d=768 the full SVD is
+# ~40% of the dense path's time, at d=2048 more than the Jacobian itself).
+AUTO_FULL_SVD_MAX_D = 512
+AUTO_FULL_SVD_MIN_K_FRACTION = 0.25
+
+
+def resolve_svd_method(method: str, d: int, k: int) -> str:
+    """``auto`` -> the measured fastest exact method for ``(d, K)`` (see BENCHMARKS.md)."""
+    if method not in SVD_METHODS:
+        raise ValueError(f"unknown method {method!r}: use one of {', '.join(SVD_METHODS)}")
+    if method != "auto":
+        return method
+    if d <= AUTO_FULL_SVD_MAX_D or k >= AUTO_FULL_SVD_MIN_K_FRACTION * d:
+        return "dense"
+    return "dense-lanczos"
+
+
+def fast_svd(fb: FastBlock, k: int, t: int = -1, method: str = "auto", *,
+             n_iter: int = 4, oversample: int = 10, seed: int = 0,
+             chunk: int = DENSE_CHUNK) -> tuple[SVDResult, torch.Tensor | BlockJacobian]:
+    """Top-``k`` triplets of ``J_{tt}`` and the Jacobian they came from (dense or operator).
+
+    ``method``: ``dense`` (one-token dense J, full SVD), ``dense-lanczos`` (one-token dense
+    J, ARPACK on the dense matrix), ``lanczos`` (ARPACK on the one-token operator; nothing
+    d x d), ``randomized`` (subspace iteration, ``n_iter`` power steps; inexact), ``auto``.
+    """
+    method = resolve_svd_method(method, fb.d, k)
+    if method in ("dense", "dense-lanczos"):
+        J = fb.jacobian(t, t, chunk=chunk)
+        if method == "dense":
+            return svd_of_dense(J, k), J
+        return top_k_svd(J, k, "lanczos", seed=seed), J
+    op = fb.operator(t, t, chunk)
+    if method == "lanczos":
+        return top_k_svd(op, k, "lanczos", seed=seed), op
+    return randomized_svd(op, k, oversample=oversample, n_iter=n_iter, seed=seed), op
+
+
+def fast_depth_coupling(calls: Sequence[BlockCall], k: int, t: int = -1, method: str = "auto",
+                        *, final_norm=None, compute_dtype: torch.dtype = torch.float32,
+                        variants=("normalized", "raw"), **svd_kw) -> dict:
+    """Depth-wise coupling (L x L) of ``J^l_{tt}`` over the recorded ``calls`` (one prompt).
+
+    ``final_norm`` (optional) is folded into the last block only (METHODS.md, Eq. 7).
+    Returns :func:`coupling.coupling_metrics.depth_coupling`'s dict plus ``"svds"``.
+    """
+    from .coupling_metrics import depth_coupling
+
+    jacs, svds = [], []
+    for i, call in enumerate(calls):
+        norm = final_norm if i == len(calls) - 1 else None
+        fb = FastBlock(call, compute_dtype, norm, name=f"layer {i + 1}")
+        res, J = fast_svd(fb, k, t, method, **svd_kw)
+        jacs.append(J)
+        svds.append(res)
+    out = depth_coupling(jacs, [s.as_tuple() for s in svds], k, variants)
+    out["svds"] = svds
+    return out

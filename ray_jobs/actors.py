@@ -1,0 +1,189 @@
+"""Ray actors: a full-model replica and a block-range stage.
+
+Both are plain classes (``ray.remote`` is applied by the driver with the resources and
+restart policy placement chose), so they can also be used in-process.  Every method is a
+pure function of its arguments plus a cache: a restarted actor (``max_restarts``) that gets
+a retried task (``max_task_retries``) recomputes whatever its cache lost.
+
+Test-only fault injection (``FaultHooks``, from environment variables read by the driver):
+``COUPLING_TEST_CRASH_AFTER=N`` makes the first actor that reaches N analysed prompts exit
+with ``os._exit(1)`` once -- "once" is a marker file created with ``O_EXCL`` before exiting,
+so the restarted actor and the other actors go on; ``COUPLING_TEST_SHARD_DELAY=S`` sleeps
+S seconds after each shard or prompt (to kill a driver mid-scan in tests).
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from coupling.analysis import ScanSettings, analyze_prompt
+
+
+@dataclass
+class FaultHooks:
+    crash_after: int | None = None
+    crash_marker: str | None = None
+    delay_s: float = 0.0
+
+    @classmethod
+    def from_env(cls, default_marker: str) -> "FaultHooks":
+        after = os.environ.get("COUPLING_TEST_CRASH_AFTER")
+        return cls(int(after) if after else None,
+                   os.environ.get("COUPLING_TEST_CRASH_MARKER", default_marker),
+                   float(os.environ.get("COUPLING_TEST_SHARD_DELAY", "0") or 0))
+
+
+class _Faults:
+    def __init__(self, hooks: FaultHooks | None):
+        self.hooks = hooks or FaultHooks()
+        self.count = 0
+
+    def tick(self):
+        """Count one analysed prompt; crash here if the test hook says so (once)."""
+        self.count += 1
+        h = self.hooks
+        if h.crash_after is not None and self.count >= h.crash_after and h.crash_marker:
+            try:
+                fd = os.open(h.crash_marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return
+            os.write(fd, f"pid {os.getpid()} after {self.count} prompts\n".encode())
+            os.close(fd)
+            os._exit(1)
+
+    def pause(self):
+        if self.hooks.delay_s:
+            time.sleep(self.hooks.delay_s)
+
+
+def _threads(threads: int | None):
+    if threads:
+        torch.set_num_threads(int(threads))
+
+
+class ReplicaWorker:
+    """One full copy of a model; analyses whole shards with ``coupling.analyze_prompt``.
+
+    Every ``run`` names its model (``spec``: ``source, revision, dtype, random_init,
+    init_seed, trust_remote_code, settings``) and the worker loads it when it differs from
+    the one held -- so one pool serves consecutive models, and a restarted worker reloads.
+    """
+
+    def __init__(self, threads: int | None = 1, use_gpu: bool = False,
+                 hooks: FaultHooks | None = None):
+        _threads(threads)
+        self.use_gpu = use_gpu
+        self.spec, self.lm = None, None
+        self.faults = _Faults(hooks)
+
+    def prepare(self, spec: dict) -> dict:
+        """Load ``spec`` if needed; what the driver reports about this worker."""
+        reused = self.spec == spec
+        self._load(spec)
+        return {"pid": os.getpid(), "n_params": self.lm.info["n_params"],
+                "device": str(self.lm.device), "reused": reused}
+
+    def _load(self, spec: dict):
+        if self.spec == spec:
+            return
+        from coupling.loading import load_model
+
+        self.spec, self.lm = None, None            # free the previous copy first
+        self.lm = load_model(spec["source"], revision=spec["revision"], dtype=spec["dtype"],
+                             random_init=spec["random_init"], seed=spec["init_seed"],
+                             trust_remote_code=spec["trust_remote_code"],
+                             device_map="auto" if self.use_gpu else None)
+        self.spec = spec
+
+    def run(self, spec: dict, shard) -> list:
+        """``PromptResult`` per prompt of ``shard``, in order."""
+        self._load(spec)
+        out = []
+        for pid, ids, meta in zip(shard.prompt_ids, shard.token_ids, shard.metas):
+            out.append(analyze_prompt(self.lm, torch.tensor([ids]), spec["settings"], pid, meta))
+            self.faults.tick()
+        self.faults.pause()
+        return out
+
+
+class StageWorker:
+    """Blocks ``[lo, hi)`` of a model (``ray_jobs.stage.StageModel``) in a pipeline.
+
+    Per prompt ``key`` the driver calls ``forward`` -> ``decompose`` -> ``couple``; each also
+    receives the stage input ``x_in`` so that a restarted actor can rebuild its cache.
+    """
+
+    def __init__(self, source: str, revision, config, lo: int, hi: int, dtype: str,
+                 settings: ScanSettings, block_path=None, trust_remote_code: bool = False,
+                 threads: int | None = 1, use_gpu: bool = False,
+                 hooks: FaultHooks | None = None):
+        from .stage import StageModel
+
+        _threads(threads)
+        self.settings = settings
+        self.stage = StageModel(source, config, lo, hi, dtype,
+                                device="cuda" if use_gpu else "cpu", block_path=block_path,
+                                trust_remote_code=trust_remote_code, revision=revision)
+        self.cache: dict = {}          # key -> {"fwd": StageForward, "kept": dense Jacobians}
+        self.faults = _Faults(hooks)
+
+    def ready(self) -> dict:
+        return {"pid": os.getpid(), "n_params": self.stage.n_params,
+                "bytes_read": self.stage.bytes_read, "blocks": [self.stage.lo, self.stage.hi]}
+
+    def _fwd(self, key, x_in):
+        entry = self.cache.setdefault(key, {})
+        if "fwd" not in entry:
+            entry["x_out"], entry["fwd"] = self.stage.forward(torch.as_tensor(x_in))
+        return entry
+
+    def forward(self, key, x_in):
+        """Returns ``(x_out, states)``: the next stage's input (None on the last stage) and
+        this stage's trajectory slice ``{l: X^l (n, d)}`` in the model dtype."""
+        entry = self._fwd(key, x_in)
+        self.faults.tick()
+        fwd = entry["fwd"]
+        x_out = None if self.stage.last else entry["x_out"].cpu()
+        # states are float32 casts of model-dtype tensors: shipping them in the model dtype
+        # is exact and halves the bytes of bf16/fp16 models
+        return x_out, {l: x.to(self.stage.dtype).cpu() for l, x in fwd.states.items()}
+
+    def decompose(self, key, x_in) -> dict:
+        """``{t: {l: (U, S, V)}}`` of the owned layers (the only thing other stages need)."""
+        entry = self._fwd(key, x_in)
+        entry["kept"], factors = self.stage.decompose(entry["fwd"], self.settings)
+        return factors
+
+    def couple(self, key, x_in, prompt_id: str, meta: dict, n_stages: int, *parts) -> dict:
+        """Rows of the coupling grids; ``parts``: every stage's factors, then (last stage
+        only) every stage's trajectory slice.  Frees the prompt's cache."""
+        entry = self._fwd(key, x_in)
+        factors = list(parts[:n_stages])
+        out = {"rows": None, "regularity": None, "tokens": None}
+        s = self.settings
+        if "depth" in s.measures:
+            out["rows"] = self.stage.couple(entry["fwd"], entry.get("kept"), factors, s)
+        if "regularity" in s.measures and self.stage.last:
+            out["regularity"] = self.stage.regularity(entry["fwd"], _trajectory(parts[n_stages:]),
+                                                      s, prompt_id, meta)
+        if "tokens" in s.measures and self.owns_token_layers():
+            out["tokens"] = self.stage.tokens(entry["fwd"], s, prompt_id, meta)
+        self.cache.pop(key, None)
+        self.faults.pause()
+        return out
+
+    def owns_token_layers(self) -> bool:
+        from .stage import token_layers
+
+        l, lp = token_layers(self.settings, self.stage.n_layers)
+        return l in self.stage.layers and lp in self.stage.layers
+
+
+def _trajectory(slices) -> torch.Tensor:
+    """``(L+1, n, d)`` from the stages' ``{l: X^l}`` slices."""
+    merged = {l: x for part in slices for l, x in part.items()}
+    L = max(merged)
+    return torch.stack([merged[l].float() for l in range(L + 1)])

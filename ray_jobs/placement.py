@@ -1,0 +1,361 @@
+"""Where a model runs: replicas (it fits one node) or block-range stages (it does not).
+
+Sizes come from the weightless skeleton (``ray_jobs.weights``), resources from ``ray.nodes()``.
+
+* **replicas** -- the model (plus its working memory) fits one node: an actor pool, each actor
+  one full copy (GPU actors spread a copy over the node's GPUs with Accelerate's
+  ``device_map="auto"``), prompts sharded across actors.
+* **stages** -- it does not: the ``L`` blocks are cut into ``S`` contiguous stages balanced by
+  parameter bytes (embedding counted on the first stage, final norm + unembedding on the
+  last), one actor per stage (one GPU, or one node's memory on CPU clusters), all in one
+  placement group.  ``S`` is the smallest count whose largest stage fits.
+
+Memory of one worker = weights + working memory + a fixed process overhead.  Working
+memory = what one batched JVP/VJP chunk passes through a block (``chunk`` tangents of
+``(n, d)`` with ~16 activations of that size each) and the float32 copy of one block that
+bf16/fp16 models are differentiated in (both transient, once) + what is *held* per
+layer and prompt until its coupling rows are done: the block's input/output, and the dense
+``d x d`` float32 Jacobian per traced token when the SVD is exact (``d <= 2048`` under
+``svd: auto``).  A stage holds its layers for every prompt in its pipeline (``in_flight``).
+Lower ``chunk`` for very wide models.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from coupling.analysis import ScanSettings
+from coupling.svd import resolve_method
+
+GB = 1024 ** 3
+PROCESS_OVERHEAD = int(0.5 * GB)   # python + torch + transformers in a worker process
+# GPU memory by Ray accelerator type (``accelerator_type:<name>`` resource), in GB.
+GPU_MEMORY_GB = {"A10G": 24, "L4": 24, "T4": 16, "V100": 16, "A100": 40, "A100-40G": 40,
+                 "A100-80G": 80, "H100": 80, "H200": 141, "L40S": 48, "A40": 48,
+                 "RTX6000": 24}
+GPU_MEMORY_RESOURCE = "gpu_memory_gb"   # optional custom node resource (node total, GB)
+
+
+class PlacementError(ValueError):
+    """No node (or set of nodes) can hold the model as asked; the message says why."""
+
+
+@dataclass
+class NodeInfo:
+    node_id: str
+    cpus: float
+    gpus: float
+    memory: float                    # bytes of Ray's logical "memory" resource
+    gpu_memory: float | None = None  # bytes per GPU
+
+
+@dataclass
+class ModelSizes:
+    """Parameter bytes of a model's parts in the dtype it will run in."""
+
+    blocks: list           # bytes per block
+    embedding: int         # everything before the blocks (first stage)
+    head: int              # final norm + unembedding (last stage)
+    whole: int             # one full copy (tied weights once)
+    d_model: int
+    dtype_bytes: int = 4   # bytes per parameter of the dtype the model runs in
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.blocks)
+
+    def stage_bytes(self, lo: int, hi: int) -> int:
+        return (sum(self.blocks[lo:hi]) + (self.embedding if lo == 0 else 0)
+                + (self.head if hi == self.n_layers else 0))
+
+
+@dataclass
+class Placement:
+    kind: str                                   # "replicas" | "stages"
+    n_actors: int
+    ranges: list = field(default_factory=list)  # stages: [(lo, hi), ...] 0-based blocks
+    cpus: float = 1
+    gpus: float = 0
+    memory: int = 0                             # bytes per actor (largest stage)
+    stage_memory: list = field(default_factory=list)
+    reason: str = ""
+
+    def describe(self) -> str:
+        if self.kind == "replicas":
+            return f"replicas x{self.n_actors} ({self.reason})"
+        spans = ", ".join(f"{lo + 1}-{hi}" for lo, hi in self.ranges)
+        return f"stages x{self.n_actors} [blocks {spans}] ({self.reason})"
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "n_actors": self.n_actors,
+                "ranges": [list(r) for r in self.ranges], "cpus": self.cpus, "gpus": self.gpus,
+                "memory_bytes": self.memory, "stage_memory_bytes": self.stage_memory,
+                "reason": self.reason}
+
+
+# ------------------------------------------------------------------------------------------
+# Cluster resources
+# ------------------------------------------------------------------------------------------
+def cluster_nodes(gpu_memory_gb: float | None = None, autoscaler_config=None) -> list:
+    """Nodes of the connected Ray cluster with their CPUs, GPUs and memory.
+
+    With an autoscaling cluster the GPU workers may not exist yet: the node types of the
+    launcher config (``autoscaler_config``: a path, default the head's
+    ``~/ray_bootstrap_config.yaml`` when present) count as nodes too, up to their
+    ``max_workers`` minus the alive nodes of the same shape; the placement group or the
+    pending actors then make the autoscaler launch them.
+    """
+    import ray
+
+    alive = []
+    for node in ray.nodes():
+        if not node.get("Alive"):
+            continue
+        res = node.get("Resources", {})
+        gpus = float(res.get("GPU", 0))
+        alive.append(NodeInfo(node["NodeID"], float(res.get("CPU", 0)), gpus,
+                              float(res.get("memory", 0)),
+                              _gpu_memory(res, gpus, gpu_memory_gb) if gpus else None))
+    path = Path(os.path.expanduser(autoscaler_config or "~/ray_bootstrap_config.yaml"))
+    if autoscaler_config is None and not path.exists():
+        return alive
+    if not path.exists():
+        raise ValueError(f"autoscaler_config {path} not found: give the cluster launcher YAML")
+    import yaml
+    return alive + launchable_nodes(yaml.safe_load(path.read_text()), alive, gpu_memory_gb)
+
+
+def launchable_nodes(config: dict, alive=(), gpu_memory_gb: float | None = None) -> list:
+    """Worker nodes a cluster-launcher config can still add (resources as declared there)."""
+    out, budget = [], int(config.get("max_workers", 0))
+    head = config.get("head_node_type")
+    for name, t in config.get("available_node_types", {}).items():
+        if name == head:
+            continue
+        res = {k: float(v) for k, v in (t.get("resources") or {}).items()}
+        cpus, gpus = res.get("CPU", 0.0), res.get("GPU", 0.0)
+        running = sum(1 for n in alive if (n.cpus, n.gpus) == (cpus, gpus))
+        count = max(0, min(int(t.get("max_workers", budget)), budget) - running)
+        gpu_mem = _gpu_memory(res, gpus, gpu_memory_gb) if gpus else None
+        out += [NodeInfo(f"{name}#{i}", cpus, gpus, res.get("memory", 0.0), gpu_mem)
+                for i in range(count)]
+    return out
+
+
+def _gpu_memory(res: dict, gpus: float, override_gb: float | None) -> float | None:
+    if override_gb:
+        return override_gb * GB
+    if res.get(GPU_MEMORY_RESOURCE):
+        return float(res[GPU_MEMORY_RESOURCE]) * GB / gpus
+    for key in res:
+        if key.startswith("accelerator_type:"):
+            name = key.split(":", 1)[1]
+            if name in GPU_MEMORY_GB:
+                return GPU_MEMORY_GB[name] * GB
+    return None
+
+
+# ------------------------------------------------------------------------------------------
+# Memory estimates
+# ------------------------------------------------------------------------------------------
+ACTIVATIONS = 16   # (n, d)-sized tensors a block's forward creates (attention, MLP, norms)
+
+
+def transient_memory(sizes: ModelSizes, n_tokens: int, settings: ScanSettings) -> int:
+    """One chunk of batched JVP/VJP tangents through one block, plus the float32 copy of
+    that block that bf16/fp16 models are differentiated in."""
+    chunk = settings.chunk * n_tokens * sizes.d_model * 4 * ACTIVATIONS
+    fp32_copy = max(sizes.blocks) * 4 // sizes.dtype_bytes if sizes.dtype_bytes != 4 else 0
+    return chunk + fp32_copy
+
+
+def held_memory(n_layers: int, d: int, n_tokens: int, settings: ScanSettings) -> int:
+    """What one prompt keeps per layer until its coupling rows are computed: the block's
+    input and output, plus the dense Jacobian per traced token on the exact path (matrix-free
+    operators are rebuilt, not kept)."""
+    held = n_layers * n_tokens * d * 4 * 2
+    if resolve_method(settings.svd, d) == "exact":
+        targets = n_tokens if settings.token == "all" else 1
+        held += n_layers * targets * d * d * 4
+    return held
+
+
+def pipeline_depth(n_stages: int, max_in_flight: int = 2) -> int:
+    """Prompts a stage may hold at once: ``lookahead`` (= S) queued ahead of a prompt's
+    coupling step + ``max_in_flight`` awaiting collection + the two being worked on."""
+    return n_stages + max_in_flight + 2
+
+
+def replica_memory(sizes: ModelSizes, n_tokens: int, settings: ScanSettings) -> int:
+    d = sizes.d_model
+    return (sizes.whole + transient_memory(sizes, n_tokens, settings)
+            + held_memory(sizes.n_layers, d, n_tokens, settings) + PROCESS_OVERHEAD)
+
+
+def stage_memory(sizes: ModelSizes, lo: int, hi: int, n_tokens: int,
+                 settings: ScanSettings, in_flight: int = 2) -> int:
+    """A stage holds its weights and its layers' state for ``in_flight`` prompts."""
+    d = sizes.d_model
+    return (sizes.stage_bytes(lo, hi) + transient_memory(sizes, n_tokens, settings)
+            + held_memory(hi - lo, d, n_tokens, settings) * in_flight + PROCESS_OVERHEAD)
+
+
+# ------------------------------------------------------------------------------------------
+# Balanced contiguous partition
+# ------------------------------------------------------------------------------------------
+def balanced_ranges(sizes: ModelSizes, n_stages: int) -> list:
+    """``n_stages`` contiguous block ranges minimising the largest stage's parameter bytes.
+
+    Exact dynamic programme over cut points, ``O(S L^2)``; every stage gets >= 1 block.
+    """
+    L = sizes.n_layers
+    if not 1 <= n_stages <= L:
+        raise PlacementError(f"stages={n_stages} must be between 1 and the model's {L} blocks")
+    inf = float("inf")
+    # best[s][j]: minimal max-stage bytes covering blocks [0, j) with s stages
+    best = [[inf] * (L + 1) for _ in range(n_stages + 1)]
+    cut = [[0] * (L + 1) for _ in range(n_stages + 1)]
+    best[0][0] = 0
+    for s in range(1, n_stages + 1):
+        for j in range(s, L - (n_stages - s) + 1):
+            for i in range(s - 1, j):
+                cost = max(best[s - 1][i], sizes.stage_bytes(i, j))
+                if cost < best[s][j]:
+                    best[s][j], cut[s][j] = cost, i
+    ranges, j = [], L
+    for s in range(n_stages, 0, -1):
+        i = cut[s][j]
+        ranges.append((i, j))
+        j = i
+    return ranges[::-1]
+
+
+# ------------------------------------------------------------------------------------------
+# The decision
+# ------------------------------------------------------------------------------------------
+def plan_placement(sizes: ModelSizes, settings: ScanSettings, n_tokens: int, nodes: list,
+                   *, placement: str = "auto", stages: int | None = None,
+                   replicas: int | None = None, n_shards: int = 1, cpus_per_actor: float = 1,
+                   gpus_per_actor: float | None = None, node_memory_gb: float | None = None,
+                   model_name: str = "model") -> Placement:
+    """Choose replicas or stages for one model (see the module docstring).
+
+    ``node_memory_gb`` overrides every node's usable memory (CPU workers) or, with GPUs,
+    every GPU's memory; ``gpus_per_actor=0`` forces CPU workers.
+    """
+    if not nodes:
+        raise PlacementError("the Ray cluster has no alive nodes")
+    use_gpu = gpus_per_actor != 0 and any(n.gpus > 0 for n in nodes)
+    devices = _devices(nodes, use_gpu, node_memory_gb, cpus_per_actor)
+    if not devices:
+        raise PlacementError(f"no node offers {cpus_per_actor} CPU(s) per worker: lower "
+                             "cpus_per_actor or add nodes")
+    need = replica_memory(sizes, n_tokens, settings)
+    if placement == "replicas" or replicas is not None or (
+            placement == "auto" and stages is None and _fits_node(need, nodes, use_gpu,
+                                                                  node_memory_gb)):
+        return _replicas(sizes, need, nodes, use_gpu, node_memory_gb, replicas, n_shards,
+                         cpus_per_actor, gpus_per_actor, model_name)
+    return _stages(sizes, settings, n_tokens, devices, stages, cpus_per_actor, use_gpu,
+                   model_name)
+
+
+def _devices(nodes, use_gpu, node_memory_gb, cpus_per_actor) -> list:
+    """One entry per slot a stage can take: ``(node_id, bytes)``; one per GPU, or one per
+    node (CPU clusters; several stages may share a node if its memory allows)."""
+    out = []
+    for n in nodes:
+        if use_gpu:
+            mem = node_memory_gb * GB if node_memory_gb else n.gpu_memory
+            if n.gpus and mem is None:
+                raise PlacementError(f"cannot tell the GPU memory of node {n.node_id[:8]}: set "
+                                     "gpu_memory_gb in the config, or give the node a "
+                                     f"'{GPU_MEMORY_RESOURCE}' resource (cluster.yaml)")
+            out += [(n.node_id, mem)] * int(n.gpus)
+        elif n.cpus >= cpus_per_actor:
+            out.append((n.node_id, node_memory_gb * GB if node_memory_gb else n.memory))
+    return out
+
+
+def _node_capacity(n: NodeInfo, use_gpu, node_memory_gb) -> float:
+    if use_gpu:
+        per = node_memory_gb * GB if node_memory_gb else (n.gpu_memory or 0)
+        return per * n.gpus
+    return node_memory_gb * GB if node_memory_gb else n.memory
+
+
+def _fits_node(need, nodes, use_gpu, node_memory_gb) -> bool:
+    return any(_node_capacity(n, use_gpu, node_memory_gb) >= need for n in nodes)
+
+
+def _replicas(sizes, need, nodes, use_gpu, node_memory_gb, forced, n_shards, cpus, gpus_opt,
+              name) -> Placement:
+    per_node = []
+    gpus = 0
+    if use_gpu:
+        # GPUs per replica: enough on every node that can hold a copy at all (conservative
+        # when GPU sizes differ: a copy never lands on too little memory)
+        fit = [n for n in nodes if _node_capacity(n, True, node_memory_gb) >= need]
+        per_gpu = lambda n: node_memory_gb * GB if node_memory_gb else n.gpu_memory  # noqa
+        gpus = gpus_opt or max((math.ceil(need / per_gpu(n)) for n in fit), default=1)
+        per_node = [int(n.gpus // gpus) if n in fit else 0 for n in nodes]
+    else:
+        cap = lambda n: node_memory_gb * GB if node_memory_gb else n.memory  # noqa: E731
+        per_node = [int(min(n.cpus // cpus, cap(n) // need)) for n in nodes]
+    slots = sum(per_node)
+    if slots == 0:
+        best = max(_node_capacity(n, use_gpu, node_memory_gb) for n in nodes)
+        raise PlacementError(f"{name} needs {need / GB:.2f} GB per replica but the largest node "
+                             f"offers {best / GB:.2f} GB: use placement 'stages' (or auto)")
+    n = min(slots, forced or slots, max(1, n_shards))
+    if forced and forced > slots:
+        raise PlacementError(f"replicas={forced} asked, but the cluster holds at most {slots} "
+                             f"replicas of {name} ({need / GB:.2f} GB, {cpus} CPU each)")
+    why = f"{need / GB:.2f} GB per copy fits one node" if not forced else "forced by config"
+    return Placement("replicas", n, [], cpus, gpus, need if not use_gpu else 0, [need], why)
+
+
+def _stages(sizes, settings, n_tokens, devices, forced, cpus, use_gpu, name) -> Placement:
+    biggest = max(mem for _, mem in devices)
+    counts = [forced] if forced else range(1, sizes.n_layers + 1)
+    for S in counts:
+        ranges = balanced_ranges(sizes, S)
+        mems = [stage_memory(sizes, lo, hi, n_tokens, settings, pipeline_depth(S))
+                for lo, hi in ranges]
+        if max(mems) <= biggest:
+            break
+    else:
+        L = sizes.n_layers
+        one = min(stage_memory(sizes, i, i + 1, n_tokens, settings, pipeline_depth(L))
+                  for i in range(L))
+        raise PlacementError(
+            f"{name} cannot be placed: even split into {sizes.n_layers} one-block stages its "
+            f"smallest stage needs {one / GB:.3g} GB and the largest node/GPU offers "
+            f"{biggest / GB:.3g} GB (node_memory_gb / gpu_memory_gb, or bigger nodes)")
+    if max(mems) > biggest:
+        raise PlacementError(f"{name} with stages={S}: the largest stage needs "
+                             f"{max(mems) / GB:.3g} GB, more than any node/GPU offers "
+                             f"({biggest / GB:.3g} GB): use more stages")
+    if not _can_host(mems, devices, cpus, use_gpu):
+        raise PlacementError(f"{name} needs {S} stages of up to {max(mems) / GB:.3g} GB but the "
+                             f"cluster has {len(devices)} {'GPUs' if use_gpu else 'nodes'} "
+                             "able to host them: add nodes")
+    why = "forced by config" if forced else \
+        f"{sizes.whole / GB:.3g} GB of weights need {S} stage(s)"
+    return Placement("stages", S, ranges, cpus, 1 if use_gpu else 0,
+                     0 if use_gpu else max(mems), mems, why)
+
+
+def _can_host(mems, devices, cpus, use_gpu) -> bool:
+    """Greedy first-fit of stage memories into devices (GPUs: one stage each)."""
+    free = sorted((mem for _, mem in devices), reverse=True)
+    for m in sorted(mems, reverse=True):
+        for i, f in enumerate(free):
+            if f >= m:
+                free[i] = -1 if use_gpu else f - m
+                break
+        else:
+            return False
+    return True

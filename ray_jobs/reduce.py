@@ -1,0 +1,69 @@
+"""Reducer: finished shards -> the local scan's output folder per model + ``models.parquet``.
+
+Per (model, revision) the prompts' ``PromptResult`` objects are written by the library's own
+``coupling.results.write_scan_output`` into ``OUT/<model-key>/`` (identical layout to
+``coupling scan``), so ``coupling report`` / ``coupling correlate`` read it unchanged.
+
+``OUT/models.parquet`` has one row per (model, revision).  Sign convention (``coupling
+correlate`` relies on it): coupling is the negative of mis-coupling, so
+``coupling_mean = -mean(depth_mis_coupling_mean)`` and
+``coupling_raw_mean = -mean(depth_mis_coupling_raw_mean)`` over prompts (NaN skipped);
+``coupling_std`` is the std (ddof=1) over prompts of the normalized mis-coupling.
+"""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+
+from coupling.results import write_scan_output
+from coupling.scan import build_manifest
+
+MODEL_COLUMNS = ("model", "revision", "params", "layers", "d_model", "coupling_mean",
+                 "coupling_std", "coupling_raw_mean", "lss_mean", "expodistance_mean",
+                 "n_prompts")
+
+
+def write_model_output(folder, job, info: dict, results, timings: dict, ray_info: dict) -> Path:
+    """``OUT/<key>/`` via ``write_scan_output`` (atomic), manifest extended with ``ray``."""
+    manifest = build_manifest(job.scan, SimpleNamespace(info=info), timings)
+    manifest["ray"] = ray_info
+    out = write_scan_output(folder, manifest, results, overwrite=True)
+    if job.scan.figures:
+        from coupling.report import draw_figures
+        draw_figures(out)
+    return out
+
+
+def model_row(job, info: dict, summary: pd.DataFrame) -> dict:
+    def mean(col, sign=1.0):
+        return sign * float(summary[col].mean()) if col in summary else np.nan
+
+    mis = summary["depth_mis_coupling_mean"] if "depth_mis_coupling_mean" in summary else None
+    return {"model": str(info["id"]), "revision": job.scan.revision,
+            "params": int(info["n_params"]), "layers": int(info["n_layers"]),
+            "d_model": int(info["d_model"]),
+            "coupling_mean": mean("depth_mis_coupling_mean", -1.0),
+            "coupling_std": float(mis.std()) if mis is not None else np.nan,
+            "coupling_raw_mean": mean("depth_mis_coupling_raw_mean", -1.0),
+            "lss_mean": mean("lss"), "expodistance_mean": mean("expodistance"),
+            "n_prompts": int(len(summary)),
+            "random_init": bool(job.scan.random_init), "dtype": info.get("dtype"),
+            "key": job.key}
+
+
+def write_models_table(out_dir, rows) -> Path:
+    """``models.parquet`` (atomic): the columns of ``MODEL_COLUMNS`` first, then extras."""
+    df = pd.DataFrame(rows)
+    df = df[list(MODEL_COLUMNS) + [c for c in df.columns if c not in MODEL_COLUMNS]]
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    path = Path(out_dir) / "models.parquet"
+    tmp = path.with_name(f".models.parquet.tmp-{os.getpid()}")
+    tmp.write_bytes(buf.getvalue())
+    os.replace(tmp, path)
+    return path
