@@ -614,9 +614,6 @@ def draw_figures(out_dir, compare=None, prompt=0) -> list[Path]:
         written.append(save_figure(pca_figure(scan, idx), fig_dir / "pca_trajectories.png"))
     if _has_spectra(scan):
         written.append(save_figure(singular_values_figure(both), fig_dir / "singular_values.png"))
-    if len(scan.summary) >= 3 and scan.summary["depth_mis_coupling_mean"].notna().all():
-        from .prompt_analysis import draw_prompt_analysis   # Fig. 10: coupling vs length
-        written.extend(draw_prompt_analysis(out, fig_dir)[:1])
     summary_scans = [scan] + ([other] if other is not None else [])
     written.append(write_summary(summary_scans, fig_dir / "summary.txt", written))
     return written
