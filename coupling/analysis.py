@@ -7,6 +7,16 @@ and the trajectory-regularity measures, and returns a ``PromptResult`` of plain 
 The steps are separate functions so a block-range (pipelined) runner can do them per stage:
 ``layer_jacobians`` / ``layer_svds`` for its own layers, ``coupling_rows`` for its rows of the
 ``L x L`` grid given every layer's ``d x K`` singular-vector blocks.
+
+Which function the Jacobians are taken of (``ScanSettings.jacobian``):
+
+* ``local`` (default): the smallest one that gives them exactly (``coupling.fastpath``). In a
+  causal block ``J_tt`` comes from the one-token function (the prefix's keys/values held
+  fixed, as in generation) and ``J_{t1 t2}`` from the block on ``X[:, :t2+1]``; non-causal
+  blocks (BERT, ViT) use the whole prompt.  Each local function is checked once against the
+  whole prompt and falls back, with a warning, if it does not match.
+* ``full``: the block on the whole prompt for every product, the paper authors' method.  Same
+  numbers to float32 round-off, ~n times the cost per product (BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -18,14 +28,19 @@ import torch
 
 from . import regularity as reg
 from .blocks import find_final_norm, residual_branch
+from .fastpath import FastBlock, is_causal
 from .coupling_metrics import (context_coupling_fixed_input, context_coupling_fixed_output,
                                mean_off_diagonal, pairwise_coupling, token_self_coupling)
 from .deflation import deflate
 from .jacobian import BlockJacobian, exact_jacobians
-from .svd import SVDResult, resolve_method, svd_of_dense, top_k_svd
+from .svd import dense_top_k, resolve_method, svd_of_dense, top_k_svd
 from .trajectory import ForwardRecord, logit_lens_head, run_forward
 
 MEASURES = ("depth", "tokens", "regularity")
+JACOBIAN_FUNCTIONS = ("local", "full")
+# Products per batch.  One-token products are cheap and batch well up to ~128
+# (BENCHMARKS.md); a product on many tokens holds their activations, so fewer at once.
+DEFAULT_CHUNK = {"one-token": 128, "tokens": 64}
 
 
 @dataclass
@@ -34,6 +49,7 @@ class ScanSettings:
 
     k: int = 10
     svd: str = "auto"                 # auto | exact | randomized | lanczos
+    jacobian: str = "local"           # local (fast, exact) | full (whole prompt, the reference)
     token: str = "last"               # last | all: which token's J^l_{tt} the depth grid uses
     measures: tuple = ("depth", "regularity")
     final_norm_in_last: bool = False  # f^L = norm(block_L(X)) - X (authors' release)
@@ -43,7 +59,7 @@ class ScanSettings:
     n_iter: int = 4                   # randomized SVD power iterations
     oversample: int = 10
     seed: int = 0
-    chunk: int = 64                   # products per batched JVP/VJP (memory bound)
+    chunk: int | None = None          # products per batch (memory); None: 128 one-token, else 64
 
     def __post_init__(self):
         if isinstance(self.measures, str):
@@ -57,8 +73,17 @@ class ScanSettings:
         if not isinstance(self.k, int) or self.k < 1:
             raise ValueError(f"--k must be a positive integer, got {self.k!r}")
         resolve_method(self.svd, 10**6)  # validates the name
+        if self.jacobian not in JACOBIAN_FUNCTIONS:
+            raise ValueError(f"--jacobian must be one of {', '.join(JACOBIAN_FUNCTIONS)}, "
+                             f"got {self.jacobian!r}")
+        if self.chunk is not None and (not isinstance(self.chunk, int) or self.chunk < 1):
+            raise ValueError(f"--chunk must be a positive integer, got {self.chunk!r}")
         if self.token_layers is not None:
             self.token_layers = tuple(int(x) for x in self.token_layers)
+
+    def products_per_batch(self, one_token: bool) -> int:
+        """``chunk``, or its default for one-token products / products on many tokens."""
+        return self.chunk or DEFAULT_CHUNK["one-token" if one_token else "tokens"]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -89,12 +114,23 @@ def norm_kind(model) -> str:
     return "rmsnorm" if norm is not None and "rms" in type(norm).__name__.lower() else "layernorm"
 
 
-def layer_function(record: ForwardRecord, l: int, settings: ScanSettings, model=None):
-    """``f^l`` (1-based ``l``), with the final norm folded into the last block if asked."""
-    norm = None
+def layer_norm_module(record: ForwardRecord, l: int, settings: ScanSettings, model=None):
+    """The final norm when it is folded into block ``l`` (the last one), else ``None``."""
     if settings.final_norm_in_last and l == record.n_layers and model is not None:
-        norm = find_final_norm(model)
-    return residual_branch(record.calls[l - 1], final_norm=norm)
+        return find_final_norm(model)
+    return None
+
+
+def layer_function(record: ForwardRecord, l: int, settings: ScanSettings, model=None):
+    """``f^l`` (1-based ``l``) on the whole prompt, final norm folded into the last block if asked."""
+    return residual_branch(record.calls[l - 1],
+                           final_norm=layer_norm_module(record, l, settings, model))
+
+
+def fast_block(record: ForwardRecord, l: int, settings: ScanSettings, model=None) -> FastBlock:
+    """The local functions of block ``l`` (1-based) for this prompt."""
+    return FastBlock(record.calls[l - 1], final_norm=layer_norm_module(record, l, settings, model),
+                     name=f"layer {l}")
 
 
 def layer_jacobians(record: ForwardRecord, layers, t: int, settings: ScanSettings,
@@ -104,11 +140,16 @@ def layer_jacobians(record: ForwardRecord, layers, t: int, settings: ScanSetting
     dense = resolve_method(settings.svd, d) == "exact"
     out = {}
     for l in layers:
-        f = layer_function(record, l, settings, model)
-        X = record.calls[l - 1].input.float()
-        name = f"layer {l}"
-        J = exact_jacobians(f, X, t, [t], settings.chunk, name)[0] if dense else \
-            BlockJacobian(f, X, t, t, settings.chunk, name)
+        if settings.jacobian == "local":
+            fb = fast_block(record, l, settings, model)
+            chunk = settings.products_per_batch(one_token=fb.causal)
+            J = fb.jacobian(t, t, chunk=chunk) if dense else fb.operator(t, t, chunk)
+        else:
+            f = layer_function(record, l, settings, model)
+            X = record.calls[l - 1].input.float()
+            chunk = settings.products_per_batch(one_token=False)
+            J = exact_jacobians(f, X, t, [t], chunk, f"layer {l}")[0] if dense else \
+                BlockJacobian(f, X, t, t, chunk, f"layer {l}")
         if settings.deflate_ln:
             J = _deflated(J, record, l, t, kind, dense)
         out[l] = J
@@ -127,7 +168,10 @@ def layer_svds(jacobians: dict, settings: ScanSettings) -> dict:
     out = {}
     for l, J in jacobians.items():
         if isinstance(J, torch.Tensor):
-            out[l] = svd_of_dense(J, settings.k)
+            if settings.svd == "exact":    # asked for the full SVD (the reference)
+                out[l] = svd_of_dense(J, settings.k)
+            else:                          # auto: the cheaper exact route for (d, K)
+                out[l] = dense_top_k(J, settings.k, seed=settings.seed)
         else:
             out[l] = top_k_svd(J, settings.k, settings.svd, oversample=settings.oversample,
                                n_iter=settings.n_iter, seed=settings.seed)
@@ -202,14 +246,14 @@ def _tokens(lm, record, settings, res):
         if not 1 <= x <= L:
             raise ValueError(f"token layer {x} out of range 1..{L}")
     k = min(settings.k, record.hidden_states.shape[-1])
-    causal = _is_causal(record)
-    # one VJP sweep per output token t2 gives J_{t1 t2} for every t1 at once
+    causal = is_causal(record.calls[l - 1])   # a pipeline stage records only its own blocks
+    # one VJP sweep per output token t2 gives J_{t1 t2} for every t1 at once; in a causal
+    # block the local path takes it on X[:, :t2+1], the tokens t1 <= t2 can reach
     J = {layer: {} for layer in (l, lp)}
     for layer in {l, lp}:
-        f = layer_function(record, layer, settings, lm.model)
-        X = record.calls[layer - 1].input.float()
+        jacobians_at = _token_jacobians(record, layer, settings, lm.model)
         for t2 in range(n):
-            all_t1 = exact_jacobians(f, X, t2, None, settings.chunk, f"layer {layer}")
+            all_t1 = jacobians_at(t2)
             for t1 in range(n):
                 if not causal or t1 <= t2:
                     J[layer][(t1, t2)] = all_t1[t1]
@@ -223,14 +267,15 @@ def _tokens(lm, record, settings, res):
     res.meta["token_layers"] = [l, lp]
 
 
-def _is_causal(record) -> bool:
-    cfg_like = record.calls[0].module
-    attn = getattr(cfg_like, "attention", None) or getattr(cfg_like, "self_attn", None) \
-        or getattr(cfg_like, "attn", None) or getattr(cfg_like, "self_attention", None)
-    flag = getattr(attn, "is_causal", None)
-    if flag is None and attn is not None:
-        flag = getattr(getattr(attn, "attention", None), "is_causal", None)
-    return bool(flag) if flag is not None else True
+def _token_jacobians(record, layer, settings, model):
+    """``t2 -> (n, d, d)``: the stack of ``J_{t1 t2}`` over all ``t1`` for one layer."""
+    chunk = settings.products_per_batch(one_token=False)   # J_{t1 t2}: t2 + 1 tokens
+    if settings.jacobian == "local":
+        fb = fast_block(record, layer, settings, model)
+        return lambda t2: fb.jacobians(t2, chunk=chunk)
+    f = layer_function(record, layer, settings, model)
+    X = record.calls[layer - 1].input.float()
+    return lambda t2: exact_jacobians(f, X, t2, None, chunk, f"layer {layer}")
 
 
 def _regularity(lm, record, settings, res):

@@ -36,6 +36,11 @@ def add_scan_parser(sub):
     p.add_argument("--max-tokens", type=int, help="truncate prompts to their first N tokens")
     p.add_argument("--k", type=int, help=f"top-K singular vectors (default {DEFAULTS.k})")
     p.add_argument("--svd", choices=["auto", "exact", "randomized", "lanczos"])
+    p.add_argument("--jacobian", choices=["local", "full"],
+                   help="local (default): the smallest exact function per Jacobian (one token "
+                        "with its prefix cached, in causal models); full: the whole prompt per "
+                        "product, the paper authors' method (same numbers, ~n times slower)")
+    p.add_argument("--chunk", type=int, help="products per batch (default 128 local, 64 full)")
     p.add_argument("--token", choices=["last", "all"])
     p.add_argument("--measures", help="comma list of depth,tokens,regularity")
     p.add_argument("--final-norm-in-last", action="store_true", default=None,
@@ -55,7 +60,7 @@ def add_scan_parser(sub):
 def _scan_overrides(args) -> dict:
     keys = ["model", "revision", "dtype", "random_init", "init_seed", "trust_remote_code",
             "block_path", "prompts", "max_prompts", "prompt_seed", "max_tokens", "k", "svd",
-            "token", "measures", "final_norm_in_last", "deflate_ln", "out", "overwrite",
+            "jacobian", "chunk", "token", "measures", "final_norm_in_last", "deflate_ln", "out", "overwrite",
             "figures", "threads"]
     d = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     if args.token_layers:

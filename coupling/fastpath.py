@@ -52,7 +52,7 @@ from torch.func import vjp
 from .blocks import BlockCall, first_tensor, float32_block
 from .jacobian import BlockJacobian, check_finite, exact_jacobians
 from .linop import LinearOperator
-from .svd import SVDResult, randomized_svd, svd_of_dense, top_k_svd
+from .svd import SVDResult, full_svd_pays, randomized_svd, svd_of_dense, top_k_svd
 
 try:  # a real Cache subclass, so families that type-check the cache accept it
     from transformers.cache_utils import Cache as _CacheBase
@@ -196,7 +196,8 @@ def _index_value(value, rule: str | None, n: int, q, k, block, name: str):
 
 
 def _indexed_arguments(args: dict, n: int, q: Sequence[int], k: Sequence[int],
-                       block: torch.Tensor | None = None, dtype=torch.float32) -> dict:
+                       block: torch.Tensor | None = None, dtype=torch.float32,
+                       device=None) -> dict:
     """The recorded arguments for query tokens ``q`` attending to key tokens ``k``.
 
     ``block`` ``(len(q), len(k))`` bool: extra (query, key) pairs to mask out.
@@ -209,8 +210,8 @@ def _indexed_arguments(args: dict, n: int, q: Sequence[int], k: Sequence[int],
         # the recorded call had no mask (a causal kernel did the masking): build an additive one
         if "causal_mask" in out and "attention_mask" not in out:
             raise _Unsliceable("no attention mask to keep the copies of token t apart")
-        out["attention_mask"] = torch.zeros(block.shape, dtype=dtype).masked_fill(
-            block, torch.finfo(dtype).min)[None, None]
+        out["attention_mask"] = torch.zeros(block.shape, dtype=dtype, device=device).masked_fill(
+            block.to(device), torch.finfo(dtype).min)[None, None]
     return out
 
 
@@ -395,7 +396,7 @@ class FastBlock:
         block = ~torch.eye(B, dtype=torch.bool)                   # copies see themselves only
         block = torch.cat([torch.zeros(B, t, dtype=torch.bool), block], 1)
         args = _indexed_arguments(args, self.n, [t] * B, list(range(t)) + [t] * B,
-                                  block if B > 1 else None, self.dtype)
+                                  block if B > 1 else None, self.dtype, self.X.device)
         if "use_cache" in args:
             args["use_cache"] = True
         prefix = [(K[..., :t, :], V[..., :t, :]) for K, V in self._prefix_kv()]
@@ -603,22 +604,15 @@ def fast_jacobian(call: BlockCall, t: int = -1, method: str = "vjp", *, t1: int 
     return fb.jacobian(t if t1 is None else t1, t, mode=method, chunk=chunk)
 
 
-# ``auto``: the full SVD of the dense one-token J below this width or when K is a large
-# fraction of d; ARPACK on the dense J otherwise (BENCHMARKS.md: at d=768 the full SVD is
-# ~40% of the dense path's time, at d=2048 more than the Jacobian itself).
-AUTO_FULL_SVD_MAX_D = 512
-AUTO_FULL_SVD_MIN_K_FRACTION = 0.25
-
-
-def resolve_svd_method(method: str, d: int, k: int) -> str:
-    """``auto`` -> the measured fastest exact method for ``(d, K)`` (see BENCHMARKS.md)."""
+def resolve_svd_method(method: str, d: int, k: int, device="cpu") -> str:
+    """``auto`` -> the measured fastest exact method for ``(d, K)`` (see BENCHMARKS.md):
+    the full SVD of the dense one-token J below ``FULL_SVD_MAX_D`` or when K is a large
+    fraction of d, ARPACK on the dense J otherwise (:func:`coupling.svd.full_svd_pays`)."""
     if method not in SVD_METHODS:
         raise ValueError(f"unknown method {method!r}: use one of {', '.join(SVD_METHODS)}")
     if method != "auto":
         return method
-    if d <= AUTO_FULL_SVD_MAX_D or k >= AUTO_FULL_SVD_MIN_K_FRACTION * d:
-        return "dense"
-    return "dense-lanczos"
+    return "dense" if full_svd_pays(d, k, device) else "dense-lanczos"
 
 
 def fast_svd(fb: FastBlock, k: int, t: int = -1, method: str = "auto", *,
@@ -630,7 +624,7 @@ def fast_svd(fb: FastBlock, k: int, t: int = -1, method: str = "auto", *,
     J, ARPACK on the dense matrix), ``lanczos`` (ARPACK on the one-token operator; nothing
     d x d), ``randomized`` (subspace iteration, ``n_iter`` power steps; inexact), ``auto``.
     """
-    method = resolve_svd_method(method, fb.d, k)
+    method = resolve_svd_method(method, fb.d, k, fb.X.device)
     if method in ("dense", "dense-lanczos"):
         J = fb.jacobian(t, t, chunk=chunk)
         if method == "dense":

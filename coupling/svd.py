@@ -12,8 +12,12 @@ Methods (``top_k_svd(J, k, method=...)``):
   angle ~1 at q<=2), so it is never the default.
 
 ``auto`` (the default) is ``exact`` when ``d <= EXACT_MAX_D`` (the dense Jacobian is cheap to
-hold and SVD is < 10% of its cost) and ``lanczos`` above.  Both are exact, so coupling values
-match the exact reference to round-off; see BENCHMARKS.md for the numbers.
+hold) and ``lanczos`` above.  Both are exact, so coupling values match the exact reference to
+round-off; see BENCHMARKS.md for the numbers.
+
+Once a dense ``J`` exists, :func:`dense_top_k` picks how to take its top-K: the full SVD for
+small ``d`` or large ``K``, ARPACK on the dense matrix otherwise (on CPU at d=768 the full SVD
+is ~40% of a one-token dense Jacobian's cost, ARPACK at K=10 ~15%; BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -26,6 +30,11 @@ from .linop import LinearOperator, as_operator
 
 METHODS = ("auto", "exact", "randomized", "lanczos")
 EXACT_MAX_D = 2048
+# dense_top_k: full SVD up to this width, or when K is at least this fraction of d.  ARPACK
+# costs ~K d^2 per restart cycle, the SVD ~d^3; on real block Jacobians (2 CPU threads) the
+# crossover is K ~ 40 at d = 768 and K > 50 at d = 1024 (scripts/bench_dense_topk.py).
+FULL_SVD_MAX_D = 512
+FULL_SVD_MIN_K_FRACTION = 1 / 16
 
 
 @dataclass
@@ -73,6 +82,25 @@ def top_k_svd(J, k: int, method: str = "auto", *, oversample: int = 10, n_iter: 
 def svd_of_dense(J: torch.Tensor, k: int) -> SVDResult:
     """Top-k triplets of an explicit matrix (full SVD, computed in at least float32)."""
     return _exact(J, k)
+
+
+def full_svd_pays(d: int, k: int, device: torch.device | str = "cpu") -> bool:
+    """Whether the full SVD of a dense ``d x d`` matrix beats ARPACK for its top-``k``.
+
+    Measured on CPU only (BENCHMARKS.md); on an accelerator the full SVD stays on the device
+    while ARPACK would copy a vector to the host per product, so the full SVD is kept there.
+    """
+    if torch.device(device).type != "cpu":
+        return True
+    return d <= FULL_SVD_MAX_D or k >= FULL_SVD_MIN_K_FRACTION * d
+
+
+def dense_top_k(J: torch.Tensor, k: int, seed: int = 0) -> SVDResult:
+    """Exact top-``k`` triplets of a dense ``J``: full SVD or ARPACK, whichever is cheaper."""
+    if full_svd_pays(min(J.shape), k, J.device):
+        return _exact(J, k)
+    return _lanczos(as_operator(J if J.dtype in (torch.float32, torch.float64) else J.float()),
+                    k, seed)
 
 
 def _exact(A: torch.Tensor, k: int) -> SVDResult:

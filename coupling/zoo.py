@@ -60,7 +60,8 @@ def small_config(family: str, n_layers: int = 2, d: int = 32, heads: int = 4,
 
 
 def shaped_config(shape: str, n_layers: int | None = None):
-    """Realistic widths for benchmarks: ``gpt2-small`` (d=768) and ``llama`` (d=1024, GQA)."""
+    """Realistic widths for benchmarks: ``gpt2-small`` (d=768), ``llama`` (d=1024, GQA) and
+    ``llama-7b`` (d=4096, Llama-2-7B's block shape; for GPU runs)."""
     import transformers as tf
 
     if shape == "gpt2-small":
@@ -71,7 +72,12 @@ def shaped_config(shape: str, n_layers: int | None = None):
                               intermediate_size=2816, num_attention_heads=16,
                               num_key_value_heads=4, vocab_size=32000,
                               architectures=["LlamaForCausalLM"])
-    raise ValueError(f"unknown shape {shape!r}: use gpt2-small or llama")
+    if shape == "llama-7b":
+        return tf.LlamaConfig(num_hidden_layers=n_layers or 32, hidden_size=4096,
+                              intermediate_size=11008, num_attention_heads=32,
+                              num_key_value_heads=32, vocab_size=32000,
+                              architectures=["LlamaForCausalLM"])
+    raise ValueError(f"unknown shape {shape!r}: use gpt2-small, llama or llama-7b")
 
 
 def build_random(config, seed: int = 0, dtype=torch.float32):

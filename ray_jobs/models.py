@@ -69,10 +69,20 @@ def inspect_model(job: ModelJob) -> ModelFacts:
     return ModelFacts(config, tokenizer, info, sizes, prompts, token_ids)
 
 
+def _generates(skeleton) -> bool:
+    """A generating (causal) LM head: GPT2LMHeadModel, *ForCausalLM; not BERT, ViT."""
+    try:
+        return bool(skeleton.can_generate())
+    except Exception:   # noqa: BLE001 - an unusual class: size it as non-causal (safe)
+        return False
+
+
 def model_sizes(skeleton, layout, dtype, d_model) -> ModelSizes:
     b = dtype_bytes(dtype)
     whole = sum(p.numel() for p in skeleton.parameters()) * b   # tied weights once
     return ModelSizes(blocks=[n * b for n in layout.block_counts()],
                       embedding=layout.count(layout.embedding) * b,
                       head=layout.count(layout.final_norm + layout.head) * b,
-                      whole=whole, d_model=d_model, dtype_bytes=b)
+                      whole=whole, d_model=d_model, dtype_bytes=b,
+                      # only causal LMs get one-token Jacobians; others are sized as full
+                      causal=_generates(skeleton))

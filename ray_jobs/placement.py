@@ -12,7 +12,8 @@ Sizes come from the weightless skeleton (``ray_jobs.weights``), resources from `
 
 Memory of one worker = weights + working memory + a fixed process overhead.  Working
 memory = what one batched JVP/VJP chunk passes through a block (``chunk`` tangents of
-``(n, d)`` with ~16 activations of that size each) and the float32 copy of one block that
+``(n, d)`` with ~16 activations of that size each; ``(2, d)`` for the one-token products of
+``jacobian: local`` in causal models, the second row standing for the attention over the prefix) and the float32 copy of one block that
 bf16/fp16 models are differentiated in (both transient, once) + what is *held* per
 layer and prompt until its coupling rows are done: the block's input/output, and the dense
 ``d x d`` float32 Jacobian per traced token when the SVD is exact (``d <= 2048`` under
@@ -61,6 +62,7 @@ class ModelSizes:
     whole: int             # one full copy (tied weights once)
     d_model: int
     dtype_bytes: int = 4   # bytes per parameter of the dtype the model runs in
+    causal: bool = False   # a causal LM: local (one-token) Jacobians apply
 
     @property
     def n_layers(self) -> int:
@@ -163,12 +165,21 @@ def _gpu_memory(res: dict, gpus: float, override_gb: float | None) -> float | No
 ACTIVATIONS = 16   # (n, d)-sized tensors a block's forward creates (attention, MLP, norms)
 
 
+def chunk_memory(sizes: ModelSizes, n_tokens: int, settings: ScanSettings) -> int:
+    """One batch of JVP/VJP tangents through one block: ``chunk`` products of ``(tokens, d)``
+    with ~16 activations each, ``tokens = 2`` for one-token products (causal model, local
+    Jacobians, no token-wise grids; the second row stands for the attention over the prefix)."""
+    one_token = (sizes.causal and settings.jacobian == "local"
+                 and "tokens" not in settings.measures)
+    tokens = 2 if one_token else n_tokens
+    return settings.products_per_batch(one_token) * tokens * sizes.d_model * 4 * ACTIVATIONS
+
+
 def transient_memory(sizes: ModelSizes, n_tokens: int, settings: ScanSettings) -> int:
     """One chunk of batched JVP/VJP tangents through one block, plus the float32 copy of
     that block that bf16/fp16 models are differentiated in."""
-    chunk = settings.chunk * n_tokens * sizes.d_model * 4 * ACTIVATIONS
     fp32_copy = max(sizes.blocks) * 4 // sizes.dtype_bytes if sizes.dtype_bytes != 4 else 0
-    return chunk + fp32_copy
+    return chunk_memory(sizes, n_tokens, settings) + fp32_copy
 
 
 def held_memory(n_layers: int, d: int, n_tokens: int, settings: ScanSettings) -> int:
@@ -327,6 +338,10 @@ def _stages(sizes, settings, n_tokens, devices, forced, cpus, use_gpu, name) -> 
         if max(mems) <= biggest:
             break
     else:
+        if forced:
+            raise PlacementError(f"{name} with stages={forced}: the largest stage needs "
+                                 f"{max(mems) / GB:.3g} GB, more than any node/GPU offers "
+                                 f"({biggest / GB:.3g} GB): use more stages")
         L = sizes.n_layers
         one = min(stage_memory(sizes, i, i + 1, n_tokens, settings, pipeline_depth(L))
                   for i in range(L))
@@ -334,10 +349,6 @@ def _stages(sizes, settings, n_tokens, devices, forced, cpus, use_gpu, name) -> 
             f"{name} cannot be placed: even split into {sizes.n_layers} one-block stages its "
             f"smallest stage needs {one / GB:.3g} GB and the largest node/GPU offers "
             f"{biggest / GB:.3g} GB (node_memory_gb / gpu_memory_gb, or bigger nodes)")
-    if max(mems) > biggest:
-        raise PlacementError(f"{name} with stages={S}: the largest stage needs "
-                             f"{max(mems) / GB:.3g} GB, more than any node/GPU offers "
-                             f"({biggest / GB:.3g} GB): use more stages")
     if not _can_host(mems, devices, cpus, use_gpu):
         raise PlacementError(f"{name} needs {S} stages of up to {max(mems) / GB:.3g} GB but the "
                              f"cluster has {len(devices)} {'GPUs' if use_gpu else 'nodes'} "

@@ -132,7 +132,7 @@ def test_exact_svd_working_memory_counts_dense_jacobians():
     s = ScanSettings(k=4, svd="exact")
     model = _sizes([1000] * 4, d=1024)
     p = plan_placement(model, s, 16, [NodeInfo("n", 4, 0, 64 * GB)], n_shards=1)
-    transient = s.chunk * 16 * 1024 * 4 * 16                   # one JVP chunk through a block
+    transient = 64 * 16 * 1024 * 4 * 16                        # one JVP chunk through a block
     held = 4 * (1024 * 1024 * 4 + 16 * 1024 * 4 * 2)            # dense J + block in/out per layer
     assert p.memory == model.whole + transient + held + PROCESS_OVERHEAD
 
@@ -194,3 +194,24 @@ def test_shard_store_is_atomic_and_checks_its_plan(tmp_path):
     assert not list(store.root.glob(".*tmp*"))
     with pytest.raises(ValueError, match="different plan"):
         store.check_plan({"shards": [["a"], ["b", "c"]]})
+
+
+def test_one_token_products_shrink_the_working_memory_estimate():
+    from ray_jobs.placement import chunk_memory
+    d, n = 4096, 256
+    causal = ModelSizes([GB] * 4, 1, 1, 4 * GB + 2, d, causal=True)
+    encoder = ModelSizes([GB] * 4, 1, 1, 4 * GB + 2, d, causal=False)
+    local, full = ScanSettings(), ScanSettings(jacobian="full")
+    assert chunk_memory(causal, n, local) == 128 * 2 * d * 4 * 16      # one token (+ prefix)
+    assert chunk_memory(encoder, n, local) == 64 * n * d * 4 * 16      # falls back: whole prompt
+    assert chunk_memory(causal, n, full) == 64 * n * d * 4 * 16
+    assert chunk_memory(causal, n, ScanSettings(measures="depth,tokens")) == 64 * n * d * 4 * 16
+    assert chunk_memory(causal, n, ScanSettings(chunk=8)) == 8 * 2 * d * 4 * 16
+
+
+def test_forced_stage_count_that_does_not_fit_says_use_more_stages():
+    s = ScanSettings(k=4, svd="lanczos")
+    model = _sizes([GB] * 8, emb=GB // 2, head=GB // 2, d=4096)
+    nodes = [NodeInfo(f"n{i}", 8, 0, 4.25 * GB) for i in range(8)]
+    with pytest.raises(PlacementError, match="with stages=2: the largest stage needs .* use more"):
+        plan_placement(model, s, 32, nodes, stages=2)

@@ -80,6 +80,12 @@ def test_scan_matches_direct_library_calls(scanned, gpt2_folder):
                       for b in range(3)] for a in range(3)])
     got = np.load(scanned.out_dir / "depth_coupling.npz")["normalized"][0]
     assert np.allclose(grid, got, atol=1e-4)
+    # the default operator is the one-token function; the whole-prompt one gives the same J
+    eye = torch.eye(ops[1].shape[0])
+    for t1, t2 in ((-1, -1), (2, 5)):
+        local = block_jacobian(rec, 2, t1, t2) @ eye
+        full = block_jacobian(rec, 2, t1, t2, jacobian="full") @ eye
+        assert torch.allclose(local, full, atol=1e-5 * full.abs().max())
 
 
 def test_rerun_into_finished_directory_says_so(scanned, gpt2_folder, capsys):
@@ -172,3 +178,40 @@ def test_deflated_and_all_token_options(gpt2_folder):
     per_token = [analyze_prompt(lm, ids[:, :t + 1], ScanSettings(k=4)).depth_normalized
                  for t in range(n)]   # causal: token t's J_tt only sees the prefix
     assert np.allclose(allt.depth_normalized, np.mean(per_token, axis=0), atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
+def test_local_jacobians_equal_the_whole_prompt_reference(family):
+    """The default (local: one token with its prefix cached, truncated prompts for J_{t1 t2})
+    gives the reference's numbers (whole prompt per product); BERT falls back to the whole
+    prompt.  Depth grids, raw grids, spectra and all token-wise grids."""
+    from coupling.analysis import ScanSettings, analyze_prompt
+    from coupling.loading import LoadedModel
+    from coupling.trajectory import run_forward
+    from coupling.zoo import build_random, random_inputs
+    cfg = small_config(family, n_layers=3, d=32)
+    lm = LoadedModel(build_random(cfg, seed=1), None, cfg, {"n_layers": 3})
+    ids = random_inputs(family, n_tokens=7)["input_ids"]
+    rec = run_forward(lm, ids)
+    common = dict(k=4, measures=("depth", "tokens"), token_layers=(1, 2), token="all")
+    local = analyze_prompt(lm, ids, ScanSettings(**common), record=rec)
+    full = analyze_prompt(lm, ids, ScanSettings(jacobian="full", svd="exact", **common),
+                          record=rec)
+    assert np.allclose(local.depth_normalized, full.depth_normalized, atol=1e-5)
+    assert np.allclose(local.depth_raw, full.depth_raw, rtol=1e-5, atol=1e-6)
+    assert np.allclose(local.singular_values, full.singular_values, rtol=1e-5)
+    for name in ("self", "fixed_input", "fixed_output"):
+        assert np.allclose(local.tokens[name], full.tokens[name], atol=1e-5, equal_nan=True), name
+    assert abs(local.summary["depth_mis_coupling_mean"]
+               - full.summary["depth_mis_coupling_mean"]) < 1e-6
+
+
+def test_jacobian_setting_is_validated(tmp_path, gpt2_folder, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["scan", "--model", gpt2_folder, "--jacobian", "half", "--out", str(tmp_path / "o")])
+    assert e.value.code == 2 and "invalid choice: 'half'" in capsys.readouterr().err
+    from coupling.analysis import ScanSettings
+    with pytest.raises(ValueError, match="--jacobian must be one of local, full"):
+        ScanSettings(jacobian="half")
+    with pytest.raises(ValueError, match="--chunk must be a positive integer"):
+        ScanSettings(chunk=0)

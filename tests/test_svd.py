@@ -102,3 +102,20 @@ def test_matrix_free_path_never_allocates_d_by_d_at_huge_d():
     torch.testing.assert_close(res.S, torch.tensor([4.0, 3.0, 2.0, 1.5]), rtol=1e-4, atol=1e-4)
     res2 = top_k_svd(op, 4, "randomized", n_iter=4)
     torch.testing.assert_close(res2.S, torch.tensor([4.0, 3.0, 2.0, 1.5]), rtol=1e-2, atol=1e-2)
+
+
+def test_dense_top_k_picks_arpack_or_full_svd_and_both_are_exact():
+    """``svd: auto`` on a dense J: ARPACK for K < d/16 (d > 512), else the full SVD; either
+    way the known top-K triplets come back."""
+    from coupling.svd import dense_top_k, full_svd_pays
+    assert full_svd_pays(256, 10) and full_svd_pays(768, 50) and full_svd_pays(4096, 10, "cuda")
+    assert not full_svd_pays(768, 10) and not full_svd_pays(2048, 50)
+    d = 600
+    spectrum = torch.cat([torch.linspace(3, 2, 40), torch.linspace(1, 0.1, d - 40)]).double()
+    J, U, V = known_matrix(d, spectrum, seed=3)
+    for k in (10, 40):                                   # 10 < 600/16 -> ARPACK; 40 -> full
+        res = dense_top_k(J.float(), k)
+        assert torch.allclose(res.S.double(), spectrum[:k], rtol=1e-5)
+        assert max_sine(res.V, V[:, :k]) < 1e-3 and max_sine(res.U, U[:, :k]) < 1e-3
+        # singular triplets: J v = s u
+        assert torch.allclose(J.float() @ res.V, res.U * res.S, atol=1e-4)
