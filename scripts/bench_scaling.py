@@ -82,23 +82,24 @@ def llama_sizes(n_layers=80, d=8192, ffn=28672, heads=64, kv_heads=8, vocab=3200
     block = (2 * d * d + 2 * d * d * kv_heads // heads + 3 * d * ffn + 2 * d) * nbytes
     emb = vocab * d * nbytes
     head = (vocab * d + d) * nbytes
-    return ModelSizes([block] * n_layers, emb, head, block * n_layers + emb + head, d, nbytes)
+    return ModelSizes([block] * n_layers, emb, head, block * n_layers + emb + head, d, nbytes,
+                      causal=True)
 
 
 def on_paper(n_tokens=256, k=10, nodes=8, gpu_gb=24) -> dict:
     from coupling.analysis import ScanSettings
-    from ray_jobs.placement import (ACTIVATIONS, GB, NodeInfo, held_memory, pipeline_depth,
+    from ray_jobs.placement import (GB, NodeInfo, chunk_memory, held_memory, pipeline_depth,
                                     plan_placement)
 
     sizes = llama_sizes()
-    s = ScanSettings(k=k, svd="lanczos", chunk=8)
+    s = ScanSettings(k=k, svd="lanczos")     # one-token products, 128 per batch
     gpus = [NodeInfo(f"n{i}", 4, 1, 16 * GB, gpu_gb * GB) for i in range(nodes)]
     p = plan_placement(sizes, s, n_tokens, gpus, stages=nodes)
     L, d, S, n = sizes.n_layers, sizes.d_model, nodes, n_tokens
     per_stage = [{"blocks": f"{lo + 1}-{hi}",
                   "weights_gib": sizes.stage_bytes(lo, hi) / GB,
                   "fp32_block_copy_gib": max(sizes.blocks) * 4 / sizes.dtype_bytes / GB,
-                  "jvp_chunk_gib": s.chunk * n * d * 4 * ACTIVATIONS / GB,
+                  "jvp_chunk_gib": chunk_memory(sizes, n, s) / GB,
                   "held_gib": held_memory(hi - lo, d, n, s) * pipeline_depth(S) / GB,
                   "total_gib": m / GB}
                  for (lo, hi), m in zip(p.ranges, p.stage_memory)]

@@ -1,24 +1,22 @@
 #!/usr/bin/env python3
-"""End-to-end depth-wise coupling of one prompt: the reference against the fast default.
+"""End-to-end depth-wise scan of one prompt: the reference against the scan's default.
 
 For a GPT-2-small-shaped (d=768, 12 layers) and a Llama-shaped (d=1024, GQA, 12 layers)
-random-init model and one random prompt of n tokens, the L x L grid of normalized
-mis-coupling of ``J^l_{tt}`` (t = last token) for each K:
+random-init model and one random prompt of n tokens, what ``coupling scan --measures depth``
+does per prompt (``coupling.analysis.analyze_prompt``: the model forward, the L x L grids of
+mis-coupling of ``J^l_{tt}`` at the last token, everything included):
 
-* ``reference`` (the paper authors' method): per layer, d VJPs through the block applied to
-  the whole prompt (``exact_jacobians`` on ``residual_branch``), ``torch.linalg.svd``, then
-  ``depth_coupling`` on the dense matrices;
-* ours: ``coupling.fastpath.fast_depth_coupling`` (one-token Jacobians, ``method="auto"``
-  unless ``--methods`` says otherwise), everything included (prefix K/V capture, the
-  one-time check against the full prompt, Jacobians, SVDs, coupling).
+* ``reference`` (the paper authors' method): ``ScanSettings(jacobian="full", svd="exact")``,
+  per layer d VJPs through the block applied to the whole prompt, full SVD;
+* ``default``: ``ScanSettings()`` -- one-token Jacobians (``jacobian="local"``), the exact
+  top-K route ``svd="auto"`` picks; other ``--methods`` are scan ``svd`` settings.
 
-The reference may be timed on the first ``--ref-layers`` layers only and scaled by
-``L / ref_layers`` (its cost is the same for every layer); the agreement is then checked on
-that sub-grid.  ``--bf16`` adds the precision study: bf16 weights with float32 products
-against float32 weights.
+``time / floor``: seconds over (products used x the measured cost of one product of that
+kind), products = L x d for dense Jacobians.  ``--bf16`` adds the precision study (bf16
+weights with float32 products against float32 weights, ``coupling.fastpath``).
 
     python3 scripts/bench_scan.py                       # both shapes, K 10 50, n 64
-    python3 scripts/bench_scan.py --shapes gpt2-small --ref-layers 12 --k 10
+    python3 scripts/bench_scan.py --shapes gpt2-small --k 10
     python3 scripts/bench_scan.py --bf16 --skip-reference
 """
 from __future__ import annotations
@@ -30,7 +28,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_svd import best_time, machine_info, reexec_with_env  # noqa: E402
+from bench_svd import best_time, machine_info, reexec_with_env, sync  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -39,11 +37,10 @@ def parse_args(argv=None):
     p.add_argument("--n", type=int, default=64)
     p.add_argument("--k", type=int, nargs="+", default=[10, 50])
     p.add_argument("--layers", type=int, default=12)
-    p.add_argument("--ref-layers", type=int, default=4,
-                   help="time the reference on this many layers and scale to all")
     p.add_argument("--methods", nargs="+", default=["auto"],
-                   help="fast_svd methods (auto, dense, dense-lanczos, lanczos, randomized-qN)")
+                   help="scan svd settings for the local path (auto, exact, lanczos, randomized)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bf16", action="store_true", help="add the bf16-weights precision study")
@@ -52,7 +49,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def build(shape, n_layers, n, seed, dtype=None):
+def build(shape, n_layers, n, seed, dtype=None, device="cpu"):
     import torch
 
     from coupling.loading import LoadedModel
@@ -60,7 +57,7 @@ def build(shape, n_layers, n, seed, dtype=None):
     from coupling.zoo import build_random, shaped_config
 
     cfg = shaped_config(shape, n_layers=n_layers)
-    model = build_random(cfg, seed=seed, dtype=dtype or torch.float32)
+    model = build_random(cfg, seed=seed, dtype=dtype or torch.float32).to(device)
     lm = LoadedModel(model, None, cfg, {"n_layers": n_layers})
     ids = torch.randint(0, cfg.vocab_size, (1, n), generator=torch.Generator().manual_seed(seed))
     t0 = time.perf_counter()
@@ -68,30 +65,35 @@ def build(shape, n_layers, n, seed, dtype=None):
     return lm, ids, rec, time.perf_counter() - t0
 
 
-def reference_scan(calls, ks, t):
-    """Per-layer dense J (full prompt) + full SVD, then the grid per K; with timings."""
+def scan_prompt(lm, ids, k, jacobian, svd):
+    """One prompt through ``analyze_prompt`` (depth only): (seconds, PromptResult)."""
+    from coupling.analysis import ScanSettings, analyze_prompt
+
+    settings = ScanSettings(k=k, svd=svd, jacobian=jacobian, measures=("depth",))
+    sync()
+    t0 = time.perf_counter()
+    res = analyze_prompt(lm, ids, settings)
+    sync()
+    return time.perf_counter() - t0, res
+
+
+def product_cost(rec, t, jacobian, chunk, repeats=3):
+    """Seconds per product of one batch of ``chunk`` VJPs through layer 1 (warm)."""
     import torch
 
     from coupling.blocks import residual_branch
-    from coupling.coupling_metrics import depth_coupling
-    from coupling.jacobian import exact_jacobians
+    from coupling.fastpath import FastBlock
+    from coupling.jacobian import BlockJacobian
 
-    jacs, svds, per_layer = [], [], []
-    for call in calls:
-        t0 = time.perf_counter()
-        f = residual_branch(call)
-        J = exact_jacobians(f, call.input.float(), t, [t])[0]
-        U, S, Vh = torch.linalg.svd(J, full_matrices=False)
-        per_layer.append(time.perf_counter() - t0)
-        jacs.append(J)
-        svds.append((U, S, Vh.T))
-    grids, t_coupling = {}, {}
-    for k in ks:
-        t0 = time.perf_counter()
-        trips = [(U[:, :k], S[:k], V[:, :k]) for U, S, V in svds]
-        grids[k] = depth_coupling(jacs, trips, k, variants=("normalized",))["normalized"]
-        t_coupling[k] = time.perf_counter() - t0
-    return grids, per_layer, t_coupling, [S for _, S, _ in svds]
+    call = rec.calls[0]
+    if jacobian == "local":
+        op = FastBlock(call).operator(t, t, chunk)
+    else:
+        op = BlockJacobian(residual_branch(call), call.input.float(), t, t, chunk)
+    E = torch.eye(op.shape[0], device=call.input.device)[:, :chunk].contiguous()
+    op.rmatmat(E)                                      # warm-up (first call builds the graph)
+    best, _ = best_time(lambda: op.rmatmat(E), repeats)
+    return best / chunk
 
 
 def fast_scan(calls, k, method, t, compute_dtype=None):
@@ -119,51 +121,52 @@ def compare(grid, ref):
 
 
 def scan_shape(shape, args, log):
-    import numpy as np
+    from coupling.analysis import DEFAULT_CHUNK
 
-    from coupling.coupling_metrics import mean_off_diagonal
-
-    lm, ids, rec, t_fwd = build(shape, args.layers, args.n, args.seed)
+    lm, ids, rec, t_fwd = build(shape, args.layers, args.n, args.seed, device=args.device)
     L, t = rec.n_layers, args.n - 1
     d = rec.hidden_states.shape[-1]
-    log(f"{shape}: d={d} L={L} n={args.n}; model forward {t_fwd:.3f}s")
-    rows, ref = [], None
-    if not args.skip_reference:
-        m = min(args.ref_layers, L)
-        grids, per_layer, t_coup, _ = reference_scan(rec.calls[:m], args.k, t)
-        ref = {"grids": grids, "per_layer": per_layer, "layers": m, "coupling": t_coup}
-        log(f"  reference: {m} layers, {np.mean(per_layer):.2f}s per layer "
-            f"(min {min(per_layer):.2f}, max {max(per_layer):.2f})")
+    chunks = {"local": DEFAULT_CHUNK["one-token"], "full": DEFAULT_CHUNK["tokens"]}
+    cost = {j: product_cost(rec, t, j, chunks[j]) for j in ("local", "full")}
+    log(f"{shape}: d={d} L={L} n={args.n}; model forward {t_fwd:.3f}s; one product: "
+        f"full prompt {cost['full'] * 1e3:.2f} ms, one token {cost['local'] * 1e3:.3f} ms "
+        f"(batches of {chunks['full']} / {chunks['local']})")
+    rows = []
     for k in args.k:
-        ref_sec = None
-        if ref is not None:
-            m = ref["layers"]
-            # per-layer Jacobian + SVD scaled to L layers; the coupling step (L products of
-            # L*K columns with dense matrices) grows as (L/m)^2 and is well under 1% of it
-            ref_sec = sum(ref["per_layer"]) * L / m + ref["coupling"][k] * (L / m) ** 2
-            note = ("measured on all layers" if m == L
-                    else f"timed on {m} of {L} layers, scaled x{L / m:g}")
-            rows.append(dict(shape=shape, d=d, L=L, n=args.n, k=k, method="reference",
-                             seconds=ref_sec, note=note,
-                             mean_m=float(mean_off_diagonal(ref["grids"][k]))))
-            log(f"  K={k} reference {ref_sec:.1f}s per prompt ({note}); mean m~ "
-                f"{rows[-1]['mean_m']:.6f} on {m} layers")
+        ref = None
+        if not args.skip_reference:
+            sec, ref = scan_prompt(lm, ids, k, "full", "exact")
+            rows.append(_row(shape, d, L, args.n, k, "reference", sec, ref,
+                             sec / (L * d * cost["full"])))
+            log(f"  K={k} reference: {sec:.2f}s per prompt, mean m~ {rows[-1]['mean_m']:.7f}, "
+                f"time/floor {rows[-1]['floor_ratio']:.2f}")
         for method in args.methods:
-            t_best, (grid, _) = best_time(lambda: fast_scan(rec.calls, k, method, t), args.repeats)
-            row = dict(shape=shape, d=d, L=L, n=args.n, k=k, method=method, seconds=t_best,
-                       note="all layers, end to end", mean_m=float(mean_off_diagonal(grid)))
-            msg = f"  K={k} {method}: {t_best:.2f}s per prompt; mean m~ {row['mean_m']:.6f}"
+            sec, res = best_time(lambda: scan_prompt(lm, ids, k, "local", method), args.repeats)[1]
+            dense = method in ("auto", "exact")
+            ratio = sec / (L * d * cost["local"]) if dense else None
+            row = _row(shape, d, L, args.n, k, "default" if method == "auto" else method,
+                       sec, res, ratio)
+            msg = f"  K={k} {row['method']}: {sec:.2f}s per prompt, mean m~ {row['mean_m']:.7f}"
+            if ratio is not None:
+                msg += f", time/floor {ratio:.2f}"
             if ref is not None:
-                m = ref["layers"]
-                row.update({"sub_" + key: v for key, v in
-                            compare(grid[:m, :m], ref["grids"][k]).items()})
-                row["speedup"] = ref_sec / t_best
-                msg += (f"; on the {m}-layer sub-grid: mean rel diff {row['sub_rel_diff']:.1e}, "
-                        f"max |entry diff| {row['sub_max_abs_entry_diff']:.1e}; "
-                        f"speed-up {row['speedup']:.1f}x")
+                row.update(compare(res.depth_normalized, ref.depth_normalized))
+                row["speedup"] = _ref_row(rows, k)["seconds"] / sec
+                msg += (f"; vs reference: mean rel diff {row['rel_diff']:.1e}, max |entry diff| "
+                        f"{row['max_abs_entry_diff']:.1e}, speed-up {row['speedup']:.1f}x")
             rows.append(row)
             log(msg)
     return rows
+
+
+def _ref_row(rows, k):
+    return next(r for r in rows if r["k"] == k and r["method"] == "reference")
+
+
+def _row(shape, d, L, n, k, method, sec, res, floor_ratio):
+    return dict(shape=shape, d=d, L=L, n=n, k=k, method=method, seconds=sec,
+                mean_m=res.summary["depth_mis_coupling_mean"], floor_ratio=floor_ratio,
+                timings=res.timings)
 
 
 def bf16_study(shape, args, log):
@@ -216,16 +219,17 @@ def bf16_study(shape, args, log):
 
 
 def markdown(rows):
-    out = ["| shape | d | L | n | K | method | s / prompt | speed-up | mean m̃ (all L) "
-           "| sub-grid mean m̃ rel diff | sub-grid max abs diff | note |",
+    out = ["| shape | d | L | n | K | method | s / prompt | speed-up | time / floor | mean m̃ "
+           "| rel. diff of mean | max abs diff of an entry |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        sp = (f"{r['speedup']:.1f}x" if r.get("speedup")
-              else "1x" if r["method"] == "reference" else "n/a")
-        rd = f"{r['sub_rel_diff']:.1e}" if "sub_rel_diff" in r else ""
-        md = f"{r['sub_max_abs_entry_diff']:.1e}" if "sub_max_abs_entry_diff" in r else ""
+        sp = f"{r['speedup']:.1f}x" if r.get("speedup") else \
+            "1x" if r["method"] == "reference" else "n/a"
+        fl = f"{r['floor_ratio']:.2f}" if r.get("floor_ratio") else "n/a"
+        rd = f"{r['rel_diff']:.1e}" if "rel_diff" in r else ""
+        md = f"{r['max_abs_entry_diff']:.1e}" if "max_abs_entry_diff" in r else ""
         out.append(f"| {r['shape']} | {r['d']} | {r['L']} | {r['n']} | {r['k']} | {r['method']} "
-                   f"| {r['seconds']:.2f} | {sp} | {r['mean_m']:.6f} | {rd} | {md} | {r['note']} |")
+                   f"| {r['seconds']:.2f} | {sp} | {fl} | {r['mean_m']:.7f} | {rd} | {md} |")
     return "\n".join(out)
 
 
@@ -248,7 +252,7 @@ def main(argv=None):
 
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     torch.set_num_threads(args.threads)
-    info = machine_info(args.threads)
+    info = machine_info(args.threads, args.device)
     print(f"# bench_scan  {json.dumps(info)}", flush=True)
     log = lambda s: print(s, flush=True)  # noqa: E731
     rows, study = [], []

@@ -63,6 +63,22 @@ def _status(field: str) -> int | None:
     return None
 
 
+def peak_extra_memory(fn, device: str = "cpu"):
+    """``(result, bytes)``: the rise of peak memory while ``fn`` runs: the resident set on
+    CPU (:func:`peak_extra_rss`), allocated device memory on CUDA."""
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return peak_extra_rss(fn)
+    sync()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn()
+    sync()
+    return out, max(0, torch.cuda.max_memory_allocated() - base)
+
+
 def peak_extra_rss(fn):
     """``(result, bytes)``: run ``fn`` and return the rise of the resident-set high-water mark.
 
@@ -86,12 +102,22 @@ def peak_extra_rss(fn):
     return out, (None if base is None or peak is None else max(0, peak - base))
 
 
+def sync():
+    """Wait for queued GPU work, so wall-clock times cover it (no-op on CPU)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def best_time(fn, repeats: int, min_seconds: float = 0.0):
     """``(min seconds, last result)`` over ``repeats`` calls (at least one)."""
     best, out, total = float("inf"), None, 0.0
     for i in range(max(1, repeats)):
+        sync()
         t0 = time.perf_counter()
         out = fn()
+        sync()
         dt = time.perf_counter() - t0
         best, total = min(best, dt), total + dt
         if min_seconds and total > min_seconds and i >= 0:
@@ -99,15 +125,18 @@ def best_time(fn, repeats: int, min_seconds: float = 0.0):
     return best, out
 
 
-def machine_info(threads: int) -> dict:
+def machine_info(threads: int, device: str = "cpu") -> dict:
     import torch
     import transformers
 
+    gpu = "none (CPU only)"
+    if torch.device(device).type == "cuda":
+        gpu = torch.cuda.get_device_name(torch.device(device))
     return {"python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "cpus": os.cpu_count(),
             "torch_threads": threads, "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "gpu": "none (CPU only)", "loadavg_start": os.getloadavg()}
+            "processor": platform.processor() or platform.machine(), "device": device,
+            "gpu": gpu, "loadavg_start": os.getloadavg()}
 
 
 def width_config(family: str, d: int, n_layers: int):
@@ -128,15 +157,16 @@ def width_config(family: str, d: int, n_layers: int):
     raise ValueError(f"unknown family {family!r}: use gpt2 or llama")
 
 
-def record_prompt(config, n: int, seed: int = 0, dtype=None):
-    """Random-init model for ``config`` and the recorded forward of one random prompt."""
+def record_prompt(config, n: int, seed: int = 0, dtype=None, device: str = "cpu"):
+    """Random-init model for ``config`` (on ``device``) and the recorded forward of one
+    random prompt."""
     import torch
 
     from coupling.loading import LoadedModel
     from coupling.trajectory import run_forward
     from coupling.zoo import build_random
 
-    model = build_random(config, seed=seed, dtype=dtype or torch.float32)
+    model = build_random(config, seed=seed, dtype=dtype or torch.float32).to(device)
     n_layers = getattr(config, "num_hidden_layers", None) or config.n_layer
     lm = LoadedModel(model, None, config, {"n_layers": n_layers})
     vocab = config.vocab_size
@@ -156,6 +186,7 @@ def fmt(x, spec=".3g"):
 # the benchmark
 # ------------------------------------------------------------------------------------------
 METHODS = ("reference", "dense", "dense-lanczos", "lanczos", "randomized-q4", "dense-vmap")
+DEVICE = ["cpu"]   # set from --device in main()
 
 
 def parse_args(argv=None):
@@ -170,6 +201,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--chunk", type=int, default=128, help="products per batch (all methods)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (d 4096/8192 belong there)")
     p.add_argument("--ref-budget", type=float, default=240.0,
                    help="seconds: a longer reference is timed on a few chunks and scaled")
     p.add_argument("--out", default=None, help="write all rows as JSON here")
@@ -219,7 +251,7 @@ def timed(fn, repeats):
         box["sec"] = time.perf_counter() - t0
         return out
 
-    out, mem = peak_extra_rss(run)
+    out, mem = peak_extra_memory(run, DEVICE[0])
     sec = box["sec"]
     if repeats > 1:
         sec = min(sec, best_time(fn, repeats - 1)[0])
@@ -234,13 +266,13 @@ def unit_costs(f, X, fb, chunk, ks, repeats):
 
     d, t = X.shape[-1], X.shape[1] - 1
     _, pull = vjp(f, X)
-    C = torch.zeros((chunk,) + tuple(X.shape))
+    C = torch.zeros((chunk,) + tuple(X.shape), device=X.device)
     C[torch.arange(chunk), 0, t, torch.arange(chunk) % d] = 1.0
     full = best_time(lambda: vmap(lambda c: pull(c)[0])(C), repeats)[0] / chunk
     op = fb.operator(t, t, chunk)
 
     def per_product(k, both):
-        M = torch.randn(d, k)
+        M = torch.randn(d, k, device=X.device)
         op.rmatmat(M)                                   # forward cached for this batch size
         back = best_time(lambda: op.rmatmat(M), repeats)[0]
         fwd = best_time(lambda: op @ M, repeats)[0] if both else back
@@ -261,7 +293,7 @@ def run_config(d, n, ks, args, log):
     from coupling.svd import SVDResult, svd_of_dense
 
     cfg = width_config(args.family, d, 2)
-    _, _, rec = record_prompt(cfg, n)
+    _, _, rec = record_prompt(cfg, n, device=args.device)
     call, partner = rec.calls[1], rec.calls[0]
     X = call.input.float()
     t = n - 1
@@ -298,7 +330,7 @@ def run_config(d, n, ks, args, log):
             # time m chunks of the sweep (every chunk costs the same) and scale to d VJPs
             m = 2
             _, pull = vjp(f, X)
-            C = torch.zeros((args.chunk,) + tuple(X.shape))
+            C = torch.zeros((args.chunk,) + tuple(X.shape), device=X.device)
             C[torch.arange(args.chunk), 0, t, torch.arange(args.chunk)] = 1.0
             sweep = vmap(lambda c: pull(c)[0])
             _, t_chunks, ref_mem = timed(lambda: [sweep(C) for _ in range(m)], 1)
@@ -326,7 +358,7 @@ def run_config(d, n, ks, args, log):
                     fb = FastBlock(call)
                     op = BlockJacobian(fb.token_function(t), X[:, t:t + 1], 0, 0,
                                        chunk=args.chunk)
-                    J = op.rmatmat(torch.eye(d)).T
+                    J = op.rmatmat(torch.eye(d, device=X.device)).T
                     return svd_of_dense(J, k), J, d
                 unit = None
             else:
@@ -385,7 +417,8 @@ def main(argv=None):
 
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     torch.set_num_threads(args.threads)
-    info = machine_info(args.threads)
+    DEVICE[0] = args.device
+    info = machine_info(args.threads, args.device)
     print(f"# bench_svd  {json.dumps(info)}", flush=True)
     rows = []
     for d in args.d:

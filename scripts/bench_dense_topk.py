@@ -1,0 +1,59 @@
+#!/usr/bin/env python3
+"""Top-K of a dense block Jacobian: full SVD against ARPACK, and what ``svd: auto`` picks.
+
+Once the scan has a dense ``J^l_{tt}`` (``svd: auto``, d <= 2048), its top-K triplets come
+either from ``torch.linalg.svd`` of the whole matrix or from ARPACK (``svds``, ``tol=0``) on
+it; both are exact.  This times both on real one-token Jacobians of random-init GPT-2-style
+blocks (layer 2 of 2, the last token of a random prompt of 64 tokens) and reports the
+choice of :func:`coupling.svd.full_svd_pays` next to the faster one.
+
+    python3 scripts/bench_dense_topk.py                     # d 768 1024 2048, K 10 20 50
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_svd import best_time, machine_info, record_prompt, reexec_with_env, width_config  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--d", type=int, nargs="+", default=[768, 1024, 2048])
+    p.add_argument("--k", type=int, nargs="+", default=[10, 20, 50])
+    p.add_argument("--n", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=2)
+    args = p.parse_args(argv)
+    reexec_with_env(args.threads)
+    import torch
+
+    from coupling.fastpath import FastBlock
+    from coupling.linop import as_operator
+    from coupling.svd import _lanczos, full_svd_pays, svd_of_dense
+
+    torch.set_num_threads(args.threads)
+    print(f"# bench_dense_topk  {json.dumps(machine_info(args.threads))}", flush=True)
+    rows = ["| d | K | full SVD (s) | ARPACK (s) | faster | auto picks | max rel. s.v. diff |",
+            "|---|---|---|---|---|---|---|"]
+    for d in args.d:
+        rec = record_prompt(width_config("gpt2", d, 2), args.n)[2]
+        J = FastBlock(rec.calls[1]).jacobian(-1, -1)
+        for k in args.k:
+            t_full, full = best_time(lambda: svd_of_dense(J, k), args.repeats)
+            t_arp, arp = best_time(lambda: _lanczos(as_operator(J), k, 0), args.repeats)
+            diff = float(((full.S - arp.S).abs() / full.S).max())
+            pick = "full SVD" if full_svd_pays(d, k) else "ARPACK"
+            faster = "full SVD" if t_full < t_arp else "ARPACK"
+            rows.append(f"| {d} | {k} | {t_full:.3f} | {t_arp:.3f} | {faster} | {pick} "
+                        f"| {diff:.1e} |")
+            print(rows[-1], flush=True)
+    print("\n" + "\n".join(rows))
+    print(f"\nload average end {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()
