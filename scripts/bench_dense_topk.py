@@ -12,12 +12,11 @@ choice of :func:`coupling.svd.full_svd_pays` next to the faster one.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_svd import best_time, machine_info, record_prompt, reexec_with_env, width_config  # noqa: E402
+from bench_svd import best_time, record_prompt, start, width_config  # noqa: E402
 
 
 def main(argv=None):
@@ -28,15 +27,11 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=2)
     args = p.parse_args(argv)
-    reexec_with_env(args.threads)
-    import torch
-
+    start("bench_dense_topk", args.threads)
     from coupling.fastpath import FastBlock
     from coupling.linop import as_operator
     from coupling.svd import _lanczos, full_svd_pays, svd_of_dense
 
-    torch.set_num_threads(args.threads)
-    print(f"# bench_dense_topk  {json.dumps(machine_info(args.threads))}", flush=True)
     rows = ["| d | K | full SVD (s) | ARPACK (s) | faster | auto picks | max rel. s.v. diff |",
             "|---|---|---|---|---|---|---|"]
     for d in args.d:

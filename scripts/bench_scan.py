@@ -28,7 +28,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_svd import best_time, machine_info, reexec_with_env, sync  # noqa: E402
+from bench_svd import best_time, start, sync  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -245,15 +245,7 @@ def markdown_bf16(rows):
 
 def main(argv=None):
     args = parse_args(argv)
-    reexec_with_env(args.threads)
-    import warnings
-
-    import torch
-
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    torch.set_num_threads(args.threads)
-    info = machine_info(args.threads, args.device)
-    print(f"# bench_scan  {json.dumps(info)}", flush=True)
+    info = start("bench_scan", args.threads, args.device)
     log = lambda s: print(s, flush=True)  # noqa: E731
     rows, study = [], []
     for shape in args.shapes:

@@ -139,6 +139,21 @@ def machine_info(threads: int, device: str = "cpu") -> dict:
             "gpu": gpu, "loadavg_start": os.getloadavg()}
 
 
+def start(name: str, threads: int, device: str = "cpu") -> dict:
+    """Common start of every benchmark: BLAS threads (re-exec), torch threads, quiet
+    deprecation warnings, and the machine line printed first.  Returns the machine info."""
+    reexec_with_env(threads)
+    import warnings
+
+    import torch
+
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    torch.set_num_threads(threads)
+    info = machine_info(threads, device)
+    print(f"# {name}  {json.dumps(info)}", flush=True)
+    return info
+
+
 def width_config(family: str, d: int, n_layers: int):
     """A realistic-width config of ``family`` at width ``d`` (heads of 64, vocab 128)."""
     import transformers as tf
@@ -411,15 +426,8 @@ def markdown(rows):
 
 def main(argv=None):
     args = parse_args(argv)
-    reexec_with_env(args.threads)
-    import torch
-    import warnings
-
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    torch.set_num_threads(args.threads)
+    info = start("bench_svd", args.threads, args.device)
     DEVICE[0] = args.device
-    info = machine_info(args.threads, args.device)
-    print(f"# bench_svd  {json.dumps(info)}", flush=True)
     rows = []
     for d in args.d:
         for n in args.n:
