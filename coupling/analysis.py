@@ -134,14 +134,21 @@ def fast_block(record: ForwardRecord, l: int, settings: ScanSettings, model=None
 
 
 def layer_jacobians(record: ForwardRecord, layers, t: int, settings: ScanSettings,
-                    model=None, kind: str = "layernorm") -> dict:
-    """``{l: J^l_{tt}}``: dense (exact path) or a matrix-free operator, optionally deflated."""
+                    model=None, kind: str = "layernorm", blocks: dict | None = None) -> dict:
+    """``{l: J^l_{tt}}``: dense (exact path) or a matrix-free operator, optionally deflated.
+
+    ``blocks``: a dict kept across calls for several tokens ``t`` of the same ``record``, so
+    each layer's :class:`FastBlock` (its prefix keys/values, its checks) is built once.
+    """
     d = record.hidden_states.shape[-1]
     dense = resolve_method(settings.svd, d) == "exact"
+    blocks = {} if blocks is None else blocks
     out = {}
     for l in layers:
         if settings.jacobian == "local":
-            fb = fast_block(record, l, settings, model)
+            if l not in blocks:
+                blocks[l] = fast_block(record, l, settings, model)
+            fb = blocks[l]
             chunk = settings.products_per_batch(one_token=fb.causal)
             J = fb.jacobian(t, t, chunk=chunk) if dense else fb.operator(t, t, chunk)
         else:
@@ -223,9 +230,9 @@ def _depth(lm, record, settings, res):
     L, n = record.n_layers, record.n_tokens
     kind = norm_kind(lm.model)
     targets = [n - 1] if settings.token == "last" else list(range(n))
-    norm_grids, raw_grids, svals = [], [], []
+    norm_grids, raw_grids, svals, blocks = [], [], [], {}
     for t in targets:
-        jac = layer_jacobians(record, range(1, L + 1), t, settings, lm.model, kind)
+        jac = layer_jacobians(record, range(1, L + 1), t, settings, lm.model, kind, blocks)
         svds = layer_svds(jac, settings)
         grid = coupling_rows(jac, svds, L, settings.k)
         norm_grids.append(grid["normalized"])

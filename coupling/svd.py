@@ -99,12 +99,15 @@ def dense_top_k(J: torch.Tensor, k: int, seed: int = 0) -> SVDResult:
     """Exact top-``k`` triplets of a dense ``J``: full SVD or ARPACK, whichever is cheaper."""
     if full_svd_pays(min(J.shape), k, J.device):
         return _exact(J, k)
-    return _lanczos(as_operator(J if J.dtype in (torch.float32, torch.float64) else J.float()),
-                    k, seed)
+    return _lanczos(as_operator(_at_least_float32(J)), k, seed)
+
+
+def _at_least_float32(A: torch.Tensor) -> torch.Tensor:
+    return A if A.dtype in (torch.float32, torch.float64) else A.float()
 
 
 def _exact(A: torch.Tensor, k: int) -> SVDResult:
-    A = A if A.dtype in (torch.float32, torch.float64) else A.float()
+    A = _at_least_float32(A)
     U, S, Vh = torch.linalg.svd(A, full_matrices=False)
     return SVDResult(U[:, :k], S[:k], Vh[:k].T)
 

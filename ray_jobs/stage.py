@@ -216,10 +216,12 @@ class StageModel:
     # -- step 2: Jacobians and SVDs ------------------------------------------------------
     def jacobians(self, fwd: StageForward, settings: ScanSettings) -> dict:
         """``{t: {l: J^l_{tt}}}`` of the owned layers: dense on the exact path, else
-        matrix-free operators (free to build: they only hold the recorded call)."""
+        matrix-free operators (cheap to build: one block call per layer captures the prefix
+        keys/values of the one-token function)."""
         rec = self.record(fwd)
         kind = norm_kind(self.model)
-        return {t: layer_jacobians(rec, self.layers, t, settings, self.model, kind)
+        blocks = {}   # one FastBlock per layer, shared by every traced token
+        return {t: layer_jacobians(rec, self.layers, t, settings, self.model, kind, blocks)
                 for t in traced_tokens(rec.n_tokens, settings)}
 
     def decompose(self, fwd: StageForward, settings: ScanSettings) -> tuple:
