@@ -46,44 +46,63 @@ def _cluster_pids(tag: str) -> list:
     return pids
 
 
-@pytest.fixture(scope="module")
-def ray_head():
-    """A head node on 127.0.0.1 with the job API; yields the dashboard URL."""
-    temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")     # short: Ray's socket paths are long
+def _kill_cluster(proc, temp):
+    proc.send_signal(signal.SIGTERM)          # `ray start --block` stops its children
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    for pid in _cluster_pids(temp):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    time.sleep(1)
+
+
+def _start_head(temp: str, log):
+    """``(process, dashboard url)`` of a head on fresh free ports, or ``(process, None)`` if
+    ``ray start`` exited first (a port was taken between ``free_port()`` and Ray's bind)."""
     ports = {flag: free_port() for flag in PORT_FLAGS}
     cmd = ["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1",
            "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2",
            "--disable-usage-stats", f"--temp-dir={temp}"]
     cmd += [f"--{k}={v}" for k, v in ports.items()]
-    log = open(Path(temp) / "start.log", "w")
     proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     url = f"http://127.0.0.1:{ports['dashboard-port']}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/api/version", timeout=2).read()
+            return proc, url
+        except OSError:
+            if proc.poll() is not None:
+                return proc, None
+            assert time.time() < deadline, "the Ray head did not come up in 120 s"
+            time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A head node on 127.0.0.1 with the job API; yields the dashboard URL."""
+    temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")     # short: Ray's socket paths are long
+    log = open(Path(temp) / "start.log", "w")
+    proc = None
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/api/version", timeout=2).read()
+        for _ in range(3):                                # free ports can be taken meanwhile
+            if proc is not None:
+                _kill_cluster(proc, temp)
+            proc, url = _start_head(temp, log)
+            if url:
                 break
-            except OSError:
-                assert proc.poll() is None, (Path(temp) / "start.log").read_text()[-2000:]
-                assert time.time() < deadline, "the Ray head did not come up in 120 s"
-                time.sleep(0.5)
+        assert url, (Path(temp) / "start.log").read_text()[-2000:]
         yield url
     finally:
-        proc.send_signal(signal.SIGTERM)          # `ray start --block` stops its children
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        for pid in _cluster_pids(temp):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        if proc is not None:
+            _kill_cluster(proc, temp)
         log.close()
-        time.sleep(1)
         assert not _cluster_pids(temp), "Ray processes of the test head survived"
         shutil.rmtree(temp, ignore_errors=True)
 
