@@ -9,40 +9,61 @@ Quick API::
     J = coupling.block_jacobian(rec, layer=3)       # matrix-free J^l_{tt} at the last token
     svd = coupling.top_k_svd(J, k=10)
 """
-from .blocks import find_blocks, residual_branch
-from .jacobian import BlockJacobian, NonFiniteJacobianError, exact_jacobian, exact_jacobians
-from .linop import DenseOperator, LinearOperator, as_operator
-from .loading import LoadedModel, ModelLoadError, load_model
-from .svd import SVDResult, randomized_svd, top_k_svd
-from .trajectory import ForwardRecord, logit_lens_head, run_forward, trajectories
+import importlib
+
+# Public names -> the module that defines them.  Imported on first use (PEP 562), so that
+# `import coupling` (and `coupling --help`) costs nothing until torch is really needed.
+_LAZY = {
+    "find_blocks": "blocks", "residual_branch": "blocks",
+    "BlockJacobian": "jacobian", "NonFiniteJacobianError": "jacobian",
+    "exact_jacobian": "jacobian", "exact_jacobians": "jacobian",
+    "DenseOperator": "linop", "LinearOperator": "linop", "as_operator": "linop",
+    "LoadedModel": "loading", "ModelLoadError": "loading", "load_model": "loading",
+    "SVDResult": "svd", "randomized_svd": "svd", "top_k_svd": "svd",
+    "ForwardRecord": "trajectory", "logit_lens_head": "trajectory",
+    "run_forward": "trajectory", "trajectories": "trajectory",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __version__ = "0.1.0"
 
 
-def block_jacobian(record: ForwardRecord, layer: int, t1: int = -1, t2: int = -1,
-                   final_norm=None, chunk: int = 128, jacobian: str = "local") -> LinearOperator:
+def block_jacobian(record, layer: int, t1: int = -1, t2: int = -1,
+                   final_norm=None, chunk: int = 128, jacobian: str = "local"):
     """Matrix-free ``J^l_{t1 t2}`` of block ``layer`` (1-based, as in the paper) of a recorded prompt.
 
     ``jacobian="local"`` (default): products touch only the tokens ``J`` depends on (one token
     with its prefix's keys/values fixed for ``t1 == t2`` in a causal model; ``coupling.fastpath``);
     ``"full"``: every product goes through the block on the whole prompt.  Same values.
+    The last block includes the final norm when the record's ``X^L`` does (``last_block``).
     """
     if not 1 <= layer <= record.n_layers:
         raise ValueError(f"layer {layer} out of range 1..{record.n_layers}")
     if jacobian not in ("local", "full"):
         raise ValueError(f"jacobian must be 'local' or 'full', got {jacobian!r}")
     call = record.calls[layer - 1]
+    if final_norm is None and layer == record.n_layers:
+        final_norm = record.final_norm   # F^L as X^L has it (Eq. 7 unless run_forward(raw))
     if jacobian == "local":
         from .fastpath import FastBlock
         fb = FastBlock(call, final_norm=final_norm, name=f"layer {layer}")
         return fb.operator(t1, t2, chunk)
+    from .blocks import residual_branch
+    from .jacobian import BlockJacobian
     f = residual_branch(call, final_norm=final_norm)
     return BlockJacobian(f, call.input.float(), t1, t2, chunk=chunk, name=f"layer {layer}")
 
 
-__all__ = [
-    "BlockJacobian", "DenseOperator", "ForwardRecord", "LinearOperator", "LoadedModel",
-    "ModelLoadError", "NonFiniteJacobianError", "SVDResult", "as_operator", "block_jacobian",
-    "exact_jacobian", "exact_jacobians", "find_blocks", "load_model", "logit_lens_head",
-    "randomized_svd", "residual_branch", "run_forward", "top_k_svd", "trajectories",
-]
+__all__ = sorted([*_LAZY, "block_jacobian"])
+
+
+def __dir__():
+    return __all__

@@ -21,6 +21,7 @@ Which function the Jacobians are taken of (``ScanSettings.jacobian``):
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -30,11 +31,14 @@ from . import regularity as reg
 from .blocks import find_final_norm, residual_branch
 from .fastpath import FastBlock, is_causal
 from .coupling_metrics import (context_coupling_fixed_input, context_coupling_fixed_output,
-                               mean_off_diagonal, pairwise_coupling, token_self_coupling)
-from .deflation import deflate
-from .jacobian import BlockJacobian, exact_jacobians
+                               mean_off_diagonal, nan_off_diagonal, pairwise_coupling,
+                               token_grid_pairs, token_self_coupling)
+from .deflation import deflate_block, norm_placement
+from .jacobian import BlockJacobian, exact_jacobians, exact_jacobians_from_input
+from .spectral_gap import undetermined, unit_roundoff
 from .svd import dense_top_k, resolve_method, svd_of_dense, top_k_svd
-from .trajectory import ForwardRecord, logit_lens_head, run_forward
+from .trajectory import (LAST_BLOCKS, ForwardRecord, check_last_block, logit_lens_head,
+                         run_forward, with_last_block)
 
 MEASURES = ("depth", "tokens", "regularity")
 JACOBIAN_FUNCTIONS = ("local", "full")
@@ -52,12 +56,15 @@ class ScanSettings:
     jacobian: str = "local"           # local (fast, exact) | full (whole prompt, the reference)
     token: str = "last"               # last | all: which token's J^l_{tt} the depth grid uses
     measures: tuple = ("depth", "regularity")
-    final_norm_in_last: bool = False  # f^L = norm(block_L(X)) - X (authors' release)
-    deflate_ln: bool = False          # project out trivial LayerNorm/RMSNorm directions
+    # f^L = norm(block_L(X)) - X, X^L after the final norm (the paper's Eq. 7) | raw: no norm
+    last_block: str = "with-final-norm"
+    final_norm_in_last: bool | None = None   # deprecated alias: true = with-final-norm, false = raw
+    deflate_ln: bool = False          # remove verified trivial norm directions (post-norm blocks)
     token_layers: tuple | None = None  # (l, l') for token-wise coupling, 1-based; default middle
     lss_window: int = 11
     n_iter: int = 4                   # randomized SVD power iterations
     oversample: int = 10
+    arpack_maxiter: int | None = None  # ARPACK restarts before its dense fall-back; None: by d
     seed: int = 0
     chunk: int | None = None          # products per batch (memory); None: 128 one-token, else 64
 
@@ -78,15 +85,34 @@ class ScanSettings:
                              f"got {self.jacobian!r}")
         if self.chunk is not None and (not isinstance(self.chunk, int) or self.chunk < 1):
             raise ValueError(f"--chunk must be a positive integer, got {self.chunk!r}")
+        if self.arpack_maxiter is not None and (not isinstance(self.arpack_maxiter, int)
+                                                or self.arpack_maxiter < 1):
+            raise ValueError(f"arpack_maxiter must be a positive integer, got {self.arpack_maxiter!r}")
         if self.token_layers is not None:
             self.token_layers = tuple(int(x) for x in self.token_layers)
+        self._resolve_last_block()
+
+    def _resolve_last_block(self):
+        """Validate ``last_block``; map the deprecated ``final_norm_in_last`` onto it."""
+        check_last_block(self.last_block)
+        if self.final_norm_in_last is None:
+            return
+        alias = LAST_BLOCKS[0] if self.final_norm_in_last else "raw"
+        if self.last_block != LAST_BLOCKS[0] and self.last_block != alias:
+            raise ValueError(f"final_norm_in_last={self.final_norm_in_last} contradicts "
+                             f"last_block={self.last_block!r}: drop final_norm_in_last")
+        warnings.warn(f"final_norm_in_last is deprecated: use last_block: {alias}",
+                      DeprecationWarning, stacklevel=3)
+        self.last_block, self.final_norm_in_last = alias, None
 
     def products_per_batch(self, one_token: bool) -> int:
         """``chunk``, or its default for one-token products / products on many tokens."""
         return self.chunk or DEFAULT_CHUNK["one-token" if one_token else "tokens"]
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d.pop("final_norm_in_last")       # always resolved into last_block
+        return d
 
 
 @dataclass
@@ -101,9 +127,18 @@ class PromptResult:
     depth_normalized: np.ndarray | None = None  # (L, L)
     depth_raw: np.ndarray | None = None         # (L, L)
     singular_values: np.ndarray | None = None   # (L, K) of the traced token's J^l_{tt}
+    next_singular_values: np.ndarray | None = None  # (L,) its s_{K+1} (nan when K = d)
+    # (L,) bool per layer, over every traced token: "undetermined" (the s_K/s_{K+1} gap is
+    # within round-off, coupling.spectral_gap), "svd_fallback" (ARPACK fell back to dense)
+    spectral_flags: dict = field(default_factory=dict)
     tokens: dict = field(default_factory=dict)  # token-wise grids (n, n)
     pca: np.ndarray | None = None               # (L+1, n, 2) projections
     timings: dict = field(default_factory=dict)
+    # which function each Jacobian was taken of: {"depth": {l: [kind, reason]}, "tokens": ...}
+    # kind: one-token | truncated | full (whole prompt); reason: why not the cheapest one
+    jacobian_functions: dict = field(default_factory=dict)
+    # --deflate-ln: {str(l): DeflationRecord dict} of the last traced token (coupling.deflation)
+    deflation: dict = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------------
@@ -116,7 +151,7 @@ def norm_kind(model) -> str:
 
 def layer_norm_module(record: ForwardRecord, l: int, settings: ScanSettings, model=None):
     """The final norm when it is folded into block ``l`` (the last one), else ``None``."""
-    if settings.final_norm_in_last and l == record.n_layers and model is not None:
+    if settings.last_block == "with-final-norm" and l == record.n_layers and model is not None:
         return find_final_norm(model)
     return None
 
@@ -134,11 +169,14 @@ def fast_block(record: ForwardRecord, l: int, settings: ScanSettings, model=None
 
 
 def layer_jacobians(record: ForwardRecord, layers, t: int, settings: ScanSettings,
-                    model=None, kind: str = "layernorm", blocks: dict | None = None) -> dict:
+                    model=None, kind: str = "layernorm", blocks: dict | None = None,
+                    functions: dict | None = None) -> dict:
     """``{l: J^l_{tt}}``: dense (exact path) or a matrix-free operator, optionally deflated.
 
     ``blocks``: a dict kept across calls for several tokens ``t`` of the same ``record``, so
     each layer's :class:`FastBlock` (its prefix keys/values, its checks) is built once.
+    ``functions``: filled with ``{str(l): [kind, reason]}``, the function each ``J^l`` was taken of
+    (:meth:`FastBlock.function_used`), so a fall-back to a slower one is never silent.
     """
     d = record.hidden_states.shape[-1]
     dense = resolve_method(settings.svd, d) == "exact"
@@ -151,38 +189,81 @@ def layer_jacobians(record: ForwardRecord, layers, t: int, settings: ScanSetting
             fb = blocks[l]
             chunk = settings.products_per_batch(one_token=fb.causal)
             J = fb.jacobian(t, t, chunk=chunk) if dense else fb.operator(t, t, chunk)
+            if functions is not None:
+                functions[str(l)] = list(fb.function_used(t, t))
         else:
+            if functions is not None:
+                functions[str(l)] = ["full", "asked for (--jacobian full)"]
             f = layer_function(record, l, settings, model)
             X = record.calls[l - 1].input.float()
             chunk = settings.products_per_batch(one_token=False)
             J = exact_jacobians(f, X, t, [t], chunk, f"layer {l}")[0] if dense else \
                 BlockJacobian(f, X, t, t, chunk, f"layer {l}")
         if settings.deflate_ln:
-            J = _deflated(J, record, l, t, kind, dense)
+            J = _deflated(J, record, l, t, settings, model)
         out[l] = J
     return out
 
 
-def _deflated(J, record, l, t, kind, dense):
-    x_in = record.hidden_states[l - 1, t]
-    x_out = record.hidden_states[l, t]
-    ones = kind == "layernorm"
-    J = deflate(J, in_vectors=[x_in], out_vectors=[x_out], include_ones=ones)
-    return J.to_dense() if dense else J
+def _deflated(J, record, l, t, settings, model):
+    """``J^l_{tt}`` less its trivial directions, only where they are verified to be exact
+    (post-norm blocks; pre-norm ones come back unchanged): ``coupling.deflation``.  What was
+    found and removed goes to ``record.cache["deflation"][l]`` (the last traced token's)."""
+    key = ("placement", l)
+    if key not in record.cache:     # where the norms sit: one block replay per layer
+        final = layer_norm_module(record, l, settings, model)
+        record.cache[key] = norm_placement(record.calls[l - 1], final)
+    J, rec = deflate_block(J, record.cache[key], t)
+    if rec.placement == "post-norm" and not rec.verified:
+        warnings.warn(f"--deflate-ln: layer {l} is post-norm but its trivial directions did "
+                      "not verify, so nothing was removed there (see the deflation record)")
+    record.cache.setdefault("deflation", {})[str(l)] = rec.to_dict()
+    return J
 
 
 def layer_svds(jacobians: dict, settings: ScanSettings) -> dict:
+    """``{l: SVDResult}``: top-K triplets and ``s_{K+1}`` of each ``J^l`` (ARPACK capped at
+    ``settings.arpack_maxiter`` restarts, its dense fall-back recorded in ``fallback``)."""
     out = {}
     for l, J in jacobians.items():
         if isinstance(J, torch.Tensor):
             if settings.svd == "exact":    # asked for the full SVD (the reference)
                 out[l] = svd_of_dense(J, settings.k)
             else:                          # auto: the cheaper exact route for (d, K)
-                out[l] = dense_top_k(J, settings.k, seed=settings.seed)
+                out[l] = dense_top_k(J, settings.k, seed=settings.seed,
+                                     maxiter=settings.arpack_maxiter)
         else:
             out[l] = top_k_svd(J, settings.k, settings.svd, oversample=settings.oversample,
-                               n_iter=settings.n_iter, seed=settings.seed)
+                               n_iter=settings.n_iter, seed=settings.seed,
+                               maxiter=settings.arpack_maxiter)
     return out
+
+
+def spectral_flags(svds: dict) -> dict:
+    """``{l: (undetermined, fell_back)}`` of one traced token's SVDs: whether the top-K
+    subspace of ``J^l`` is not determined at the precision its values came in (the
+    ``s_K / s_{K+1}`` gap against round-off, :mod:`coupling.spectral_gap`), and whether
+    ARPACK fell back to the dense SVD."""
+    out = {}
+    for l, s in svds.items():
+        d = min(s.U.shape[0], s.V.shape[0])
+        out[l] = (undetermined(s.S, s.s_next, d, unit_roundoff(s.S.dtype)),
+                  s.fallback is not None)
+    return out
+
+
+def record_spectra(res: PromptResult, last: dict, flags: list):
+    """Store the depth-wise spectra: ``last`` = ``{l: SVDResult}`` of the last traced token
+    (values, ``s_{K+1}``), ``flags`` = :func:`spectral_flags` of every traced token (a layer
+    is flagged when any token's is), and their counts in the summary."""
+    layers = sorted(last)
+    res.singular_values = np.stack([last[l].S.double().cpu().numpy() for l in layers])
+    res.next_singular_values = np.array([np.nan if last[l].s_next is None
+                                         else float(last[l].s_next) for l in layers])
+    res.spectral_flags = {name: np.array([any(f[l][i] for f in flags) for l in layers])
+                          for i, name in enumerate(("undetermined", "svd_fallback"))}
+    res.summary["depth_undetermined_layers"] = int(res.spectral_flags["undetermined"].sum())
+    res.summary["depth_svd_fallbacks"] = int(res.spectral_flags["svd_fallback"].sum())
 
 
 def coupling_rows(jacobians: dict, svds: dict, n_layers: int, k: int) -> dict:
@@ -204,12 +285,14 @@ def analyze_prompt(lm, input_ids, settings: ScanSettings, prompt_id: str = "prom
                    meta: dict | None = None, record: ForwardRecord | None = None) -> PromptResult:
     timings = {}
     t0 = time.perf_counter()
-    record = record or run_forward(lm, input_ids)
+    record = with_last_block(record or run_forward(lm, input_ids, last_block=settings.last_block),
+                             settings.last_block, lm.model)
     timings["forward"] = time.perf_counter() - t0
     L, n, d = record.n_layers, record.n_tokens, record.hidden_states.shape[-1]
     if settings.k > d:
         raise ValueError(f"K={settings.k} is larger than the model width d={d}: lower --k")
     res = PromptResult(prompt_id, n, dict(meta or {}), {}, {})
+    record.cache["deflation"] = res.deflation      # filled by _deflated, layer by layer
     if "depth" in settings.measures:
         t0 = time.perf_counter()
         _depth(lm, record, settings, res)
@@ -230,19 +313,22 @@ def _depth(lm, record, settings, res):
     L, n = record.n_layers, record.n_tokens
     kind = norm_kind(lm.model)
     targets = [n - 1] if settings.token == "last" else list(range(n))
-    norm_grids, raw_grids, svals, blocks = [], [], [], {}
+    norm_grids, raw_grids, flags, blocks, functions = [], [], [], {}, {}
     for t in targets:
-        jac = layer_jacobians(record, range(1, L + 1), t, settings, lm.model, kind, blocks)
+        jac = layer_jacobians(record, range(1, L + 1), t, settings, lm.model, kind, blocks,
+                              functions)
         svds = layer_svds(jac, settings)
         grid = coupling_rows(jac, svds, L, settings.k)
         norm_grids.append(grid["normalized"])
         raw_grids.append(grid["raw"])
-        svals.append(np.stack([svds[l].S.double().cpu().numpy() for l in range(1, L + 1)]))
+        flags.append(spectral_flags(svds))
+    res.jacobian_functions["depth"] = functions
     res.depth_normalized = np.mean(norm_grids, axis=0)
     res.depth_raw = np.mean(raw_grids, axis=0)
-    res.singular_values = svals[-1]      # the last token's spectra
     res.summary["depth_mis_coupling_mean"] = float(mean_off_diagonal(res.depth_normalized))
     res.summary["depth_mis_coupling_raw_mean"] = float(mean_off_diagonal(res.depth_raw))
+    res.summary["depth_nan_entries"] = nan_off_diagonal(res.depth_normalized, res.depth_raw)
+    record_spectra(res, svds, flags)     # the last token's spectra, every token's flags
 
 
 def _tokens(lm, record, settings, res):
@@ -254,35 +340,76 @@ def _tokens(lm, record, settings, res):
             raise ValueError(f"token layer {x} out of range 1..{L}")
     k = min(settings.k, record.hidden_states.shape[-1])
     causal = is_causal(record.calls[l - 1])   # a pipeline stage records only its own blocks
-    # one VJP sweep per output token t2 gives J_{t1 t2} for every t1 at once; in a causal
-    # block the local path takes it on X[:, :t2+1], the tokens t1 <= t2 can reach
-    J = {layer: {} for layer in (l, lp)}
-    for layer in {l, lp}:
-        jacobians_at = _token_jacobians(record, layer, settings, lm.model)
-        for t2 in range(n):
-            all_t1 = jacobians_at(t2)
-            for t1 in range(n):
-                if not causal or t1 <= t2:
-                    J[layer][(t1, t2)] = all_t1[t1]
-    S = {key: svd_of_dense(M, k).as_tuple() for key, M in J[lp].items()}
-    res.tokens["self"] = token_self_coupling([J[l][(t, t)] for t in range(n)],
+    # the three grids read only J_tt, J_{0 t} and J_{t, n-1}: 3n - 3 of the n(n+1)/2 pairs.
+    # Layer l' first, kept only as its SVD factors; then layer l's Jacobians (the rows).
+    pairs = token_grid_pairs(n, 0, n - 1, causal)
+    J_lp = _token_jacobians(record, lp, settings, lm.model, pairs)
+    S = {key: svd_of_dense(M, k).as_tuple() for key, M in J_lp.items()}
+    J_l = J_lp if l == lp else _token_jacobians(record, l, settings, lm.model, pairs)
+    del J_lp
+    res.tokens["self"] = token_self_coupling([J_l[(t, t)] for t in range(n)],
                                              [S[(t, t)] for t in range(n)], k)["normalized"]
-    res.tokens["fixed_input"] = context_coupling_fixed_input(J[l], S, 0, k, n=n,
+    res.tokens["fixed_input"] = context_coupling_fixed_input(J_l, S, 0, k, n=n,
                                                              causal=causal)["normalized"]
-    res.tokens["fixed_output"] = context_coupling_fixed_output(J[l], S, n - 1, k, n=n,
+    res.tokens["fixed_output"] = context_coupling_fixed_output(J_l, S, n - 1, k, n=n,
                                                                causal=causal)["normalized"]
     res.meta["token_layers"] = [l, lp]
 
 
-def _token_jacobians(record, layer, settings, model):
-    """``t2 -> (n, d, d)``: the stack of ``J_{t1 t2}`` over all ``t1`` for one layer."""
-    chunk = settings.products_per_batch(one_token=False)   # J_{t1 t2}: t2 + 1 tokens
+def _token_jacobians(record, layer, settings, model, pairs) -> dict:
+    """``{(t1, t2): J_{t1 t2}}`` (dense, d x d) of one layer for the token ``pairs`` asked.
+
+    One VJP sweep at output ``t2`` gives ``J_{t1 t2}`` for every ``t1``; one JVP sweep at
+    input ``t1`` gives it for every ``t2``.  Causal blocks on the local path: the diagonal
+    from the one-token function, an output with several inputs asked by a VJP sweep (on
+    ``X[:, :t2+1]``), an input with several outputs asked by a JVP sweep, what is left one
+    Jacobian at a time.  Otherwise (non-causal blocks, or ``--jacobian full``, every product
+    on the whole prompt): one VJP sweep per output token asked, keeping only its pairs.
+    """
+    chunk = settings.products_per_batch(one_token=False)
+    by_out = {}
+    for t1, t2 in sorted(pairs):
+        by_out.setdefault(t2, []).append(t1)
     if settings.jacobian == "local":
         fb = fast_block(record, layer, settings, model)
-        return lambda t2: fb.jacobians(t2, chunk=chunk)
-    f = layer_function(record, layer, settings, model)
-    X = record.calls[layer - 1].input.float()
-    return lambda t2: exact_jacobians(f, X, t2, None, chunk, f"layer {layer}")
+        if fb.causal:
+            return _causal_local_jacobians(fb, pairs, settings)
+        sweep = lambda t2, t1s: fb.jacobians(t2, t1s, chunk=chunk)  # noqa: E731
+    else:
+        f = layer_function(record, layer, settings, model)
+        X = record.calls[layer - 1].input.float()
+        sweep = lambda t2, t1s: exact_jacobians(f, X, t2, t1s, chunk, f"layer {layer}")  # noqa: E731
+    out = {}
+    for t2, t1s in by_out.items():
+        out.update({(t1, t2): J for t1, J in zip(t1s, sweep(t2, t1s))})
+    return out
+
+
+def _causal_local_jacobians(fb: FastBlock, pairs, settings) -> dict:
+    """:func:`_token_jacobians` for a causal block on the local path (see there)."""
+    chunk = settings.products_per_batch(one_token=False)
+    todo = {p for p in pairs if p[0] <= p[1]}     # t1 > t2: zero in a causal block, unused
+    out = {}
+    rows = {}
+    for t1, t2 in todo:
+        if t1 != t2:
+            rows.setdefault(t2, []).append(t1)
+    for t2, t1s in rows.items():                  # outputs asked with several inputs
+        if len(t1s) > 1:
+            t1s = sorted(t1s + ([t2] if (t2, t2) in todo else []))
+            out.update({(t1, t2): J for t1, J in zip(t1s, fb.jacobians(t2, t1s, chunk=chunk))})
+    cols = {}
+    for t1, t2 in todo - set(out):
+        if t1 != t2:
+            cols.setdefault(t1, []).append(t2)
+    for t1, t2s in cols.items():                  # inputs asked with several outputs
+        if len(t2s) > 1:
+            J = exact_jacobians_from_input(fb.full_function(), fb.X, t1, chunk, fb.name)
+            out.update({(t1, t2): J[t2] for t2 in t2s + ([t1] if (t1, t1) in todo else [])})
+    one = settings.products_per_batch(one_token=True)
+    for t1, t2 in sorted(todo - set(out)):        # the diagonal: one token each
+        out[(t1, t2)] = fb.jacobian(t1, t2, chunk=one if t1 == t2 else chunk)
+    return out
 
 
 def _regularity(lm, record, settings, res):
@@ -306,10 +433,66 @@ def _regularity(lm, record, settings, res):
     if head is not None:
         unembed = lm.model.get_output_embeddings()
         last_head = lambda h: unembed(h.to(unembed.weight.dtype)).float()  # noqa: E731
-        H = reg.logit_lens_entropy(record.hidden_states, head, last_head)   # (L+1, n)
+        normed = record.last_block == "with-final-norm"    # X^L already carries the norm
+        H = reg.logit_lens_entropy(record.hidden_states, head, last_head if normed else None)
         layers["entropy"] = H[:, -1]
         layers["entropy_mean_tokens"] = H.mean(1)
     res.layers = layers
     if n >= 3:   # a 2-component PCA fitted on the last layer's n states needs n >= 3
         res.pca = reg.pca_projection(X, 2).projections.astype(np.float32)
 
+
+
+# ------------------------------------------------------------------------------------------
+# Which function the Jacobians were taken of (reported, so a slow fall-back is never silent)
+# ------------------------------------------------------------------------------------------
+FUNCTION_NAMES = {"one-token": "one-token", "truncated": "truncated prompt",
+                  "full": "whole prompt", "zero": "zero"}
+
+
+def jacobian_function_report(results, n_layers: int, mean_tokens: float | None = None) -> dict:
+    """Per layer, which function the depth-wise ``J^l_{tt}`` were taken of, over all prompts.
+
+    Returns ``{"layers": {l: {kind: prompts}}, "reasons": {l: reason}, "line": str}``; ``line``
+    is the summary's ``Jacobians`` line: ``one-token on 12/12 layers``, or the layers that used a
+    longer function, why, and the expected slowdown per product.
+    """
+    layers, reasons = {}, {}
+    for r in results:
+        for l, (kind, reason) in (r.jacobian_functions or {}).get("depth", {}).items():
+            l = int(l)
+            layers.setdefault(l, {}).setdefault(kind, 0)
+            layers[l][kind] += 1
+            if reason:
+                reasons.setdefault(l, reason)
+    return {"layers": {str(l): layers[l] for l in sorted(layers)},
+            "reasons": {str(l): reasons[l] for l in sorted(reasons)},
+            "line": _function_line(layers, reasons, n_layers, mean_tokens)}
+
+
+def _function_line(layers: dict, reasons: dict, n_layers: int, mean_tokens) -> str:
+    if not layers:
+        return "not computed (no depth measure)"
+    fast = sorted(l for l, kinds in layers.items() if set(kinds) == {"one-token"})
+    slow = sorted(set(layers) - set(fast))
+    line = f"one-token on {len(fast)}/{n_layers} layers"
+    if not slow:
+        return line
+    kinds = sorted({k for l in slow for k in layers[l]} - {"one-token"})
+    named = ", ".join(FUNCTION_NAMES.get(k, k) for k in kinds)
+    cost = (f"; ~{mean_tokens:.0f}x the tokens per product" if mean_tokens else "")
+    why = reasons.get(slow[0], "")
+    return (f"{line}; {named} on layer{'s' if len(slow) > 1 else ''} "
+            f"{_ranges(slow)}{cost}" + (f" ({why})" if why else ""))
+
+
+def _ranges(ls: list) -> str:
+    """``[1, 2, 3, 7]`` -> ``"1-3, 7"``."""
+    out, start = [], None
+    for i, l in enumerate(ls):
+        if start is None:
+            start = l
+        if i + 1 == len(ls) or ls[i + 1] != l + 1:
+            out.append(str(start) if start == l else f"{start}-{l}")
+            start = None
+    return ", ".join(out)

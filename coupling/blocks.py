@@ -9,6 +9,8 @@ family-agnostic and, on CPU float32, bitwise identical to the model's own call.
 from __future__ import annotations
 
 import copy
+import inspect
+import re
 from dataclasses import dataclass
 import torch
 from torch import nn
@@ -170,7 +172,8 @@ class CallRecorder:
                     f"block {i} ({type(module).__name__}) was called without positional "
                     "arguments or a 'hidden_states' keyword: cannot tell its input")
             # Caches would mutate on replay: blocks are always replayed without one.
-            kw = {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values")}
+            cache = cache_parameter(module)
+            kw = {k: v for k, v in kwargs.items() if k != cache and k not in CACHE_NAMES}
             if "use_cache" in kw:
                 kw["use_cache"] = False
             self.calls[i] = BlockCall(i, module, _detach(tuple(args)), _detach(kw), in_kwargs)
@@ -180,6 +183,56 @@ class CallRecorder:
         def hook(module, args, out):
             self.calls[i].output = first_tensor(out).detach()
         return hook
+
+
+# Names the KV-cache argument has had (transformers 4.x: past_key_value(s), layer_past;
+# 5.24+: cache).  Only a fallback: the name is read from the signature's annotation first.
+CACHE_NAMES = ("cache", "past_key_values", "past_key_value", "layer_past")
+_CACHE_TYPE = re.compile(r"\b\w*Cache\b")
+
+
+def _annotated_cache(fn) -> str | None:
+    """The parameter of ``fn`` annotated with a ``...Cache`` type, if any."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return None
+    for name, p in params.items():
+        ann = p.annotation
+        if ann is inspect.Parameter.empty or p.kind is inspect.Parameter.VAR_KEYWORD:
+            continue
+        text = ann if isinstance(ann, str) else getattr(ann, "__name__", None) or repr(ann)
+        if _CACHE_TYPE.search(str(text)):
+            return name
+    return None
+
+
+def cache_parameter(module: nn.Module) -> str | None:
+    """Name of a block's KV-cache argument, read from its signature, not from a list.
+
+    transformers renames it now and then (``layer_past`` -> ``past_key_values`` -> ``cache``
+    in 5.24, the old name a deprecated alias the block ignores when both are given), so the
+    parameter annotated with a ``Cache`` type wins.  A block that only forwards ``**kwargs``
+    to its attention takes the name its attention submodule declares.  ``None``: no cache.
+    """
+    forward = getattr(module, "forward", None)
+    name = _annotated_cache(forward)
+    if name is not None:
+        return name
+    try:
+        params = inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return None
+    named = next((n for n in CACHE_NAMES if n in params), None)
+    if named is not None:
+        return named
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        for sub in module.modules():
+            if sub is not module:
+                name = _annotated_cache(getattr(sub, "forward", None))
+                if name is not None:
+                    return name
+    return None
 
 
 def float32_block(module: nn.Module, compute_dtype: torch.dtype) -> nn.Module:

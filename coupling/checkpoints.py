@@ -408,26 +408,6 @@ def dynamics_table(out_dir, entries: list[Checkpoint]) -> pd.DataFrame:
 # ------------------------------------------------------------------------------------------
 # Command line
 # ------------------------------------------------------------------------------------------
-def add_checkpoints_parser(subparsers):
-    p = subparsers.add_parser(
-        "checkpoints", help="scan every checkpoint of a training run (coupling vs step)",
-        description="Scan the checkpoints listed in a YAML spec (local folders, globs, hub "
-                    "revisions, DeepSpeed ZeRO directories) into OUT/step-<N>/, then write "
-                    "OUT/dynamics.parquet and the training figures in OUT/figures/.")
-    p.add_argument("spec", metavar="SPEC.yaml", help="checkpoint spec (configs/checkpoints_tiny.yaml)")
-    p.add_argument("--out", required=True, help="output directory (finished steps are kept)")
-    p.add_argument("--prompts", help="builtin | FILE.jsonl | hf:NAME[:split]")
-    p.add_argument("--max-prompts", type=int)
-    p.add_argument("--k", type=int, help="top-K singular vectors")
-    p.add_argument("--measures", help="comma list of depth,tokens,regularity")
-    p.add_argument("--adjacency-steps", help="comma list of steps for the adjacency graphs "
-                                             "(default: first, middle, last)")
-    p.add_argument("--step-figures", action="store_true",
-                   help="also draw each checkpoint's own scan figures")
-    p.add_argument("--overwrite", action="store_true", help="rescan finished steps")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
-    p.set_defaults(func=cmd_checkpoints)
-    return p
 
 
 def cmd_checkpoints(args: argparse.Namespace) -> int:

@@ -1,4 +1,7 @@
-"""``coupling`` command line: scan, report, correlate, perturb.
+"""``coupling`` command line: scan, report, correlate, perturb, checkpoints.
+
+Every command's parser lives here and imports nothing heavy (the work is imported when a
+command runs), so `coupling --help` and argument errors answer in well under a second.
 
 Every user error is one line on stderr (``coupling: error: ...``) and exit code 2
 (``COUPLING_DEBUG=1`` shows the traceback instead).
@@ -6,12 +9,21 @@ Every user error is one line on stderr (``coupling: error: ...``) and exit code 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 
-from .analysis import ScanSettings
+# Commands -> (module, parser builder, one-line help).  Only the module of the command being
+# run is imported: `coupling --help` and argument errors never wait for torch (< 1 s).
+class _Command:
+    """``args.func``: imports ``module`` and calls its ``name(args)`` only when the command
+    runs, so building the parser imports nothing heavy."""
 
-DEFAULTS = ScanSettings()
+    def __init__(self, module: str, name: str):
+        self.module, self.name = module, name
+
+    def __call__(self, args):
+        return getattr(importlib.import_module(self.module), self.name)(args)
 
 
 def _int_or_none(s):
@@ -34,7 +46,7 @@ def add_scan_parser(sub):
     p.add_argument("--max-prompts", type=int)
     p.add_argument("--prompt-seed", type=int, help="shuffle prompts with this seed first")
     p.add_argument("--max-tokens", type=int, help="truncate prompts to their first N tokens")
-    p.add_argument("--k", type=int, help=f"top-K singular vectors (default {DEFAULTS.k})")
+    p.add_argument("--k", type=int, help="top-K singular vectors (default 10)")
     p.add_argument("--svd", choices=["auto", "exact", "randomized", "lanczos"])
     p.add_argument("--jacobian", choices=["local", "full"],
                    help="local (default): the smallest exact function per Jacobian (one token "
@@ -43,25 +55,132 @@ def add_scan_parser(sub):
     p.add_argument("--chunk", type=int, help="products per batch (default 128 local, 64 full)")
     p.add_argument("--token", choices=["last", "all"])
     p.add_argument("--measures", help="comma list of depth,tokens,regularity")
-    p.add_argument("--final-norm-in-last", action="store_true", default=None,
-                   help="include the final norm in the last block's Jacobian")
+    p.add_argument("--raw-last-block", dest="last_block", action="store_const", const="raw",
+                   default=None, help="last block without the final norm, X^L before it "
+                                      "(default: with it, the paper's Eq. 7)")
+    p.add_argument("--final-norm-in-last", dest="last_block", action="store_const",
+                   const="with-final-norm", help="deprecated: now the default")
     p.add_argument("--deflate-ln", action="store_true", default=None,
-                   help="project out trivial LayerNorm/RMSNorm directions before the SVD")
+                   help="remove the trivial directions of post-norm blocks (BERT; the last "
+                        "block with its final norm), verified per block; a no-op elsewhere")
     p.add_argument("--token-layers", help="l,l' (1-based) for token-wise coupling")
     p.add_argument("--out", help="output directory (default runs/<model>-<time>)")
     p.add_argument("--overwrite", action="store_true", default=None)
     p.add_argument("--threads", type=int, help="torch threads (default: 1 for d<=256, else all)")
     p.add_argument("--no-figures", dest="figures", action="store_false", default=None)
+    p.add_argument("--fail-fast", action="store_true", default=None,
+                   help="stop at the first prompt that fails (default: record it in "
+                        "failures.json, finish the others, exit with code 3)")
     p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
                    help="run on a Ray cluster (ADDRESS, or a local one when omitted)")
+    p.add_argument("--dry-run", action="store_true", default=False,
+                   help="with --ray: print the placement plan only (no actor starts)")
     p.set_defaults(func=cmd_scan)
+    return p
+
+
+def _levels_arg(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give numbers, e.g. 0.01,0.1,1") from None
+
+
+def add_report_parser(subparsers):
+    p = subparsers.add_parser("report", help="draw the figures of a finished scan",
+                              description="Draw the figures of a scan output directory into "
+                                          "DIR/figures/ and print the files written.")
+    p.add_argument("dir", metavar="DIR", help="output directory of a finished `coupling scan`")
+    p.add_argument("--compare", metavar="DIR2",
+                   help="a second scan drawn beside it (default: a sibling directory holding "
+                        "the same model at the other --random-init, if any)")
+    p.add_argument("--no-compare", action="store_true", help="draw this scan alone")
+    p.add_argument("--prompt", default="0", metavar="N",
+                   help="prompt (index or id) of the single-prompt figures (default 0)")
+    p.set_defaults(func=_Command("coupling.report", "main_report"))
+    return p
+
+
+def add_correlate_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``coupling correlate`` on an argparse subparsers object."""
+    p = subparsers.add_parser(
+        "correlate", help="correlate per-model coupling with benchmark scores",
+        description="Join scan results with a score table and fit coupling / hyper-parameters "
+                    "against the score (paper Fig. 1a, 8, 9, Tables 3-4). With no RESULTS the "
+                    "score table alone is analysed (e.g. --paper-table).")
+    p.add_argument("results", nargs="*", help="scan output dirs, dirs with models.parquet, or "
+                   "per-model .csv/.parquet files")
+    p.add_argument("--scores", help="score table (.csv/.parquet) with an id column")
+    p.add_argument("--paper-table", action="store_true",
+                   help="use the paper's Table 1 (paper_table1.csv, shipped) as the score table")
+    p.add_argument("--id-column", default="model", help="id column of the score table")
+    p.add_argument("--score-column", action="append", dest="score_columns",
+                   help="score column (repeatable; default openllm_score)")
+    p.add_argument("--by", choices=["score", "params", "layers", "d_model", "train_tokens"], default="score",
+                   help="main scatter: score = score vs coupling; else coupling vs that column")
+    p.add_argument("--subset", help="pandas DataFrame.query expression, e.g. 'params_b == 7'")
+    p.add_argument("--base-only", action="store_true", help="keep fine_tuned == false rows")
+    p.add_argument("--coupling-metric", choices=("raw", "normalized"), default="raw",
+                   help="raw m (Eq. 13, paper Fig. 1a) or normalized m~ (Eq. 14)")
+    p.add_argument("--alpha", type=float, default=0.05, help="1 - confidence of the band")
+    p.add_argument("--out", default="correlate_out", help="output directory")
+    p.set_defaults(func=_Command("coupling.correlate", "cmd_correlate"))
+    return p
+
+
+def add_perturb_parser(subparsers):
+    p = subparsers.add_parser(
+        "perturb", help="noise on one token's input embedding, cosine per layer (Fig. 34)",
+        description="Add Gaussian noise (sigma * ||x|| / sqrt(d) per coordinate) to one "
+                    "token's input embedding and report the cosine similarity of its hidden "
+                    "state with the clean one at every layer.")
+    p.add_argument("--model", help="hub id or save_pretrained folder (default: embedded tiny model)")
+    p.add_argument("--revision")
+    p.add_argument("--random-init", action="store_true", help="fresh random weights instead")
+    p.add_argument("--prompt", default="What is the capital of France? The capital is")
+    p.add_argument("--levels", type=_levels_arg, default=[0.01, 0.03, 0.1, 0.3, 1.0],
+                   help="noise levels sigma, comma separated (default 0.01,0.03,0.1,0.3,1)")
+    p.add_argument("--token", type=int, default=-1, help="position to perturb (default -1: last)")
+    p.add_argument("--samples", type=int, default=8, help="noise draws per level")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=_Command("coupling.perturb", "cmd_perturb"))
+    return p
+
+
+def add_checkpoints_parser(subparsers):
+    p = subparsers.add_parser(
+        "checkpoints", help="scan every checkpoint of a training run (coupling vs step)",
+        description="Scan the checkpoints listed in a YAML spec (local folders, globs, hub "
+                    "revisions, DeepSpeed ZeRO directories) into OUT/step-<N>/, then write "
+                    "OUT/dynamics.parquet and the training figures in OUT/figures/.")
+    p.add_argument("spec", metavar="SPEC.yaml", help="checkpoint spec (configs/checkpoints_tiny.yaml)")
+    p.add_argument("--out", required=True, help="output directory (finished steps are kept)")
+    p.add_argument("--prompts", help="builtin | FILE.jsonl | hf:NAME[:split]")
+    p.add_argument("--max-prompts", type=int)
+    p.add_argument("--k", type=int, help="top-K singular vectors")
+    p.add_argument("--measures", help="comma list of depth,tokens,regularity")
+    p.add_argument("--adjacency-steps", help="comma list of steps for the adjacency graphs "
+                                             "(default: first, middle, last)")
+    p.add_argument("--step-figures", action="store_true",
+                   help="also draw each checkpoint's own scan figures")
+    p.add_argument("--overwrite", action="store_true", help="rescan finished steps")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=_Command("coupling.checkpoints", "cmd_checkpoints"))
+    return p
+
+
+# command -> parser builder, in the order `coupling --help` lists them
+COMMANDS = {"scan": add_scan_parser, "report": add_report_parser,
+            "correlate": add_correlate_parser, "perturb": add_perturb_parser,
+            "checkpoints": add_checkpoints_parser}
 
 
 def _scan_overrides(args) -> dict:
     keys = ["model", "revision", "dtype", "random_init", "init_seed", "trust_remote_code",
             "block_path", "prompts", "max_prompts", "prompt_seed", "max_tokens", "k", "svd",
-            "jacobian", "chunk", "token", "measures", "final_norm_in_last", "deflate_ln", "out", "overwrite",
-            "figures", "threads"]
+            "jacobian", "chunk", "token", "measures", "last_block", "deflate_ln", "out", "overwrite",
+            "figures", "threads", "fail_fast"]
     d = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     if args.token_layers:
         d["token_layers"] = tuple(int(x) for x in args.token_layers.split(","))
@@ -78,16 +197,25 @@ def cmd_scan(args) -> int:
     if not data.get("out"):
         name = os.path.basename(str(data.get("model") or "tiny").rstrip("/")) or "model"
         data["out"] = os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if args.dry_run and not args.ray:
+        raise ValueError("--dry-run prints a Ray scan's placement plan: add --ray [ADDRESS]")
     if args.ray:
         from ray_jobs.scan import run_from_cli  # the distributed scanner (Ray) lives outside the library
-        return run_from_cli(data, address=None if args.ray == "local" else args.ray)
+        return run_from_cli(data, address=None if args.ray == "local" else args.ray,
+                            dry_run=args.dry_run)
     config = ScanConfig.from_dict(data)
     result = scan(config=config)
     print_summary(result)
+    if result.failures:   # exit code 3: finished, but some prompts failed
+        print(f"failed     {len(result.failures)} of {len(result.failures) + len(result.summary)}"
+              f" prompts (listed in {os.path.join(str(result.out_dir), 'failures.json')})")
+        return 3
     return 0
 
 
 def print_summary(result):
+    from .results import reliability_lines
+
     s = result.summary
     m = result.manifest["model"]
     print(f"model      {m['id']}  ({m['architecture']}, {m['n_layers']} layers, d={m['d_model']}, "
@@ -97,24 +225,23 @@ def print_summary(result):
         print(f"mis-coupling m~ (normalized, mean over l!=l')  {s['depth_mis_coupling_mean'].mean():.4f} "
               f"+/- {s['depth_mis_coupling_mean'].std():.4f}")
         print(f"mis-coupling m (raw)                           {s['depth_mis_coupling_raw_mean'].mean():.4f}")
+        for line in reliability_lines(result):   # gap flags, nan entries, SVD fall-backs
+            print(line)
     if "lss" in s and s["lss"].notna().any():
         print(f"line-shape score LSS  {s['lss'].mean():.3f}    expodistance ED  {s['expodistance'].mean():.3f}")
+    jac = result.manifest.get("jacobians")
+    if jac:
+        print(f"Jacobians  {jac['line']}")
     t = result.manifest["timings"]
     print(f"time       {t['per_prompt_s']:.2f} s/prompt   results in {result.out_dir}")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``coupling`` parser, every command included."""
     parser = argparse.ArgumentParser(prog="coupling", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    add_scan_parser(sub)
-    from .checkpoints import add_checkpoints_parser
-    from .correlate import add_correlate_parser
-    from .perturb import add_perturb_parser
-    from .report import add_report_parser
-
-    for add in (add_report_parser, add_correlate_parser, add_perturb_parser,
-                add_checkpoints_parser):
-        add(sub)
+    for builder in COMMANDS.values():
+        builder(sub)
     return parser
 
 
@@ -128,7 +255,8 @@ def main(argv=None) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print("coupling: interrupted; no partial results were written", file=sys.stderr)
+        print("coupling: interrupted; finished prompts are kept in OUT.partial: rerun "
+              "with the same --out to resume", file=sys.stderr)
         return 130
     except (ValueError, OSError, FloatingPointError, RuntimeError) as e:
         if os.environ.get("COUPLING_DEBUG"):

@@ -747,31 +747,6 @@ def _main_scatter(joined: pd.DataFrame, xy: tuple[str, str], path: Path, alpha: 
 
 # --------------------------------------------------------------------------- CLI
 
-def add_correlate_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``coupling correlate`` on an argparse subparsers object."""
-    p = subparsers.add_parser(
-        "correlate", help="correlate per-model coupling with benchmark scores",
-        description="Join scan results with a score table and fit coupling / hyper-parameters "
-                    "against the score (paper Fig. 1a, 8, 9, Tables 3-4). With no RESULTS the "
-                    "score table alone is analysed (e.g. --paper-table).")
-    p.add_argument("results", nargs="*", help="scan output dirs, dirs with models.parquet, or "
-                   "per-model .csv/.parquet files")
-    p.add_argument("--scores", help="score table (.csv/.parquet) with an id column")
-    p.add_argument("--paper-table", action="store_true",
-                   help=f"use the paper's Table 1 ({PAPER_TABLE.name}) as the score table")
-    p.add_argument("--id-column", default="model", help="id column of the score table")
-    p.add_argument("--score-column", action="append", dest="score_columns",
-                   help="score column (repeatable; default openllm_score)")
-    p.add_argument("--by", choices=list(BY_COLUMNS), default="score",
-                   help="main scatter: score = score vs coupling; else coupling vs that column")
-    p.add_argument("--subset", help="pandas DataFrame.query expression, e.g. 'params_b == 7'")
-    p.add_argument("--base-only", action="store_true", help="keep fine_tuned == false rows")
-    p.add_argument("--coupling-metric", choices=("raw", "normalized"), default="raw",
-                   help="raw m (Eq. 13, paper Fig. 1a) or normalized m~ (Eq. 14)")
-    p.add_argument("--alpha", type=float, default=0.05, help="1 - confidence of the band")
-    p.add_argument("--out", default="correlate_out", help="output directory")
-    p.set_defaults(func=cmd_correlate)
-    return p
 
 
 def cmd_correlate(args: argparse.Namespace) -> int:

@@ -186,7 +186,8 @@ def mean_off_diagonal(M):
     """Mean of ``M[..., l, l']`` over ``l != l'`` ignoring nan (the per-prompt score).
 
     ``M``: ``(L, L)`` or ``(..., L, L)``.  Returns a float (or an array over the leading
-    axes); nan when no finite off-diagonal entry exists.
+    axes); nan when no finite off-diagonal entry exists.  The entries left out are counted by
+    :func:`nan_off_diagonal` (the scan's ``depth_nan_entries``).
     """
     M = np.asarray(M, dtype=np.float64)
     if M.ndim < 2 or M.shape[-1] != M.shape[-2]:
@@ -198,6 +199,20 @@ def mean_off_diagonal(M):
     with np.errstate(invalid="ignore", divide="ignore"):
         out = np.where(count > 0, total / np.maximum(count, 1), np.nan)
     return float(out) if out.ndim == 0 else out
+
+
+def nan_off_diagonal(*grids) -> int:
+    """How many off-diagonal entries ``[l, l']`` (``l != l'``) are not finite in any of the
+    ``(L, L)`` ``grids``: the entries :func:`mean_off_diagonal` leaves out of a mean, counted
+    so that a mean over fewer pairs is never taken for a mean over all of them."""
+    bad = None
+    for M in grids:
+        M = np.asarray(M, dtype=np.float64)
+        if M.ndim != 2 or M.shape[0] != M.shape[1]:
+            raise ValueError(f"expected a square (L, L) grid, got shape {M.shape}")
+        here = ~np.isfinite(M) & ~np.eye(M.shape[0], dtype=bool)
+        bad = here if bad is None else bad | here
+    return 0 if bad is None else int(bad.sum())
 
 
 # ----------------------------------------------------------------------------------------
@@ -361,6 +376,19 @@ def token_self_coupling(ops_l: Sequence, svds_lp: Sequence, k: int | None = None
     """
     return pairwise_coupling(ops_l, svds_lp, k, variants, s_a=s_l,
                              return_matrices=return_matrices)
+
+
+def token_grid_pairs(n: int, t_in: int = 0, t_out: int | None = None,
+                     causal: bool = True) -> set:
+    """The ``(t1, t2)`` pairs the three token-wise grids read: ``(t, t)`` (self-coupling),
+    ``(t_in, t)`` (:func:`context_coupling_fixed_input` at ``t1 = t_in``) and ``(t, t_out)``
+    (:func:`context_coupling_fixed_output` at ``t2 = t_out``, default the last token);
+    causal: only ``t1 <= t2``.  ``3n - 3`` pairs for ``t_in = 0``, ``t_out = n - 1`` (of the
+    ``n(n+1)/2`` a causal prompt has), so only these Jacobians need computing."""
+    t_out = n - 1 if t_out is None else t_out
+    pairs = {(t, t) for t in range(n)} | {(t_in, t) for t in range(n)} | \
+        {(t, t_out) for t in range(n)}
+    return {p for p in pairs if p[0] <= p[1]} if causal else pairs
 
 
 def _infer_n(n, *dicts) -> int:

@@ -17,7 +17,8 @@ Mistral, Qwen2, Gemma, Phi, Falcon...): the block's recorded call (:class:`Block
 bound to the block's signature, the per-token arguments are indexed (attention-mask rows
 and columns, ``position_ids``, ``cache_position``, rotary ``position_embeddings``, ALiBi),
 and a one-layer cache (:class:`_PrefixKV`, a ``transformers.Cache``) is passed in the
-block's cache argument (``past_key_values`` / ``layer_past``).  One full-prompt call with the
+block's cache argument (named as its signature says: ``cache`` in transformers >= 5.24,
+``past_key_values`` / ``layer_past`` before; see :func:`coupling.blocks.cache_parameter`).  One full-prompt call with the
 cache in *record* mode captures every token's keys/values (post-rotary, as the attention
 layer caches them); afterwards the cache returns ``cat(K[:t], k_new)`` from ``update`` and
 stores nothing, so it cannot grow across products.
@@ -49,7 +50,7 @@ from typing import Callable, Sequence
 import torch
 from torch.func import vjp
 
-from .blocks import BlockCall, first_tensor, float32_block
+from .blocks import CACHE_NAMES, BlockCall, cache_parameter, first_tensor, float32_block
 from .jacobian import BlockJacobian, check_finite, exact_jacobians
 from .linop import LinearOperator
 from .svd import SVDResult, full_svd_pays, randomized_svd, svd_of_dense, top_k_svd
@@ -59,8 +60,6 @@ try:  # a real Cache subclass, so families that type-check the cache accept it
 except ImportError:  # pragma: no cover - transformers is a dependency
     _CacheBase = object
 
-# Names of a block's cache argument across families (transformers 4.x and 5.x).
-CACHE_PARAMS = ("past_key_values", "past_key_value", "layer_past")
 # Per-argument slicing rules: "qk" = (..., query, key) masks, "q" = per-query positions in the
 # last dim, "q2" = per-query tables in dim -2 (rotary cos/sin), "k" = per-key biases.
 SLICE_RULES = {
@@ -144,10 +143,10 @@ def _bind(call: BlockCall, module) -> tuple[str, dict, str | None]:
     if call.hidden_in_kwargs:
         hidden = "hidden_states"
     flat.pop(hidden, None)
-    cache = next((p for p in CACHE_PARAMS if p in sig.parameters), None)
-    if cache is None and any(p.kind is inspect.Parameter.VAR_KEYWORD
-                             for p in sig.parameters.values()):
-        cache = "past_key_values"   # transformers 5 passes it on through **kwargs
+    cache = cache_parameter(module)
+    for alias in CACHE_NAMES:    # a recorded deprecated alias must not shadow the real cache
+        if alias != cache:
+            flat.pop(alias, None)
     return hidden, flat, cache
 
 
@@ -357,6 +356,7 @@ class FastBlock:
         self._full_out = None    # f(X) on the whole prompt, for verification
         self._copies = {}        # (t, B) -> copies function
         self._broken: set[str] = set()   # local kinds that failed to bind or verify
+        self.fallbacks: dict[str, str] = {}   # local kind -> why it is not used
         self._verified: set[tuple[str, int]] = set()
 
     # -- the local functions ---------------------------------------------------------------
@@ -434,6 +434,19 @@ class FastBlock:
                 return LocalProblem(self.truncated_function(t2), self.X[:, :t2 + 1], t1, t2,
                                     "truncated")
         return LocalProblem(self.full_function(), self.X, t1, t2, "full")
+
+    def function_used(self, t1: int = -1, t2: int = -1) -> tuple[str, str]:
+        """``(kind, reason)`` of the function ``J_{t1 t2}`` is taken of: ``kind`` as in
+        :class:`LocalProblem` (``"full"`` = the whole prompt), ``reason`` empty for the
+        cheapest exact function, else why a longer one is used (a slowdown to report)."""
+        kind = self.local(t1, t2).kind
+        if kind in ("one-token", "zero"):
+            return kind, ""
+        if not self.causal:
+            return kind, "not causal (every token sees every other): needs the whole prompt"
+        if kind == "truncated" and self._token(t1) != self._token(t2):
+            return kind, ""
+        return kind, "; ".join(f"{k} function unusable: {why}" for k, why in self.fallbacks.items())
 
     # -- Jacobians -------------------------------------------------------------------------
     def operator(self, t1: int = -1, t2: int = -1, chunk: int = DENSE_CHUNK) -> LinearOperator:
@@ -556,6 +569,7 @@ class FastBlock:
                 IndexError) as e:
             reason = f"{type(e).__name__}: {e}"
         self._broken.add(kind)
+        self.fallbacks[kind] = reason
         warnings.warn(f"{self.name} ({type(self.module).__name__}): the {kind} function is not "
                       f"usable ({reason}); falling back to a longer prompt (slower, still exact)",
                       RuntimeWarning, stacklevel=3)

@@ -114,3 +114,27 @@ def exact_jacobian(f, X: torch.Tensor, t1: int, t2: int, chunk: int = 64,
                    name: str = "block") -> torch.Tensor:
     """Dense ``J_{t1 t2}`` (d, d)."""
     return exact_jacobians(f, X, t2, [t1], chunk, name)[0]
+
+
+def exact_jacobians_from_input(f, X: torch.Tensor, t1: int, chunk: int = 64,
+                               name: str = "block") -> torch.Tensor:
+    """Dense ``J_{t1 t2}`` for every output ``t2`` from one JVP sweep seeded at input ``t1``.
+
+    Returns ``(n, d, d)``, entry ``t2`` = ``J_{t1 t2}``.  Cost: ``d`` JVPs through ``f``
+    (the column analogue of :func:`exact_jacobians`).
+    """
+    if X.ndim == 2:
+        X = X[None]
+    X = X.detach()
+    n, d = X.shape[1], X.shape[2]
+    t1 = t1 % n
+    push = vmap(lambda v: jvp(f, (X,), (v,))[1])
+    J = torch.empty((n, d, d), dtype=X.dtype, device=X.device)
+    for start in range(0, d, chunk):
+        cols = torch.arange(start, min(start + chunk, d), device=X.device)
+        T = torch.zeros((len(cols),) + tuple(X.shape), dtype=X.dtype, device=X.device)
+        T[torch.arange(len(cols)), 0, t1, cols] = 1.0
+        J[:, :, start:start + len(cols)] = push(T)[:, 0].permute(1, 2, 0)  # (n, d_out, cols)
+    for t2 in range(n):
+        check_finite(J[t2], f"the Jacobian of {name} at tokens (t1={t1}, t2={t2})")
+    return J

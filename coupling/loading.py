@@ -65,13 +65,19 @@ def load_model(model: str | os.PathLike | None = None, *, revision: str | None =
                device: str | None = None, device_map=None) -> LoadedModel:
     """Load model + tokenizer from a hub id or a ``save_pretrained`` folder.
 
-    ``model=None`` loads the embedded tiny model.  ``random_init=True`` keeps the config
-    (architecture, sizes) and draws fresh weights with ``torch.manual_seed(seed)``, for
-    trained-vs-untrained comparisons.
+    ``model=None`` loads the embedded tiny model.  ``revision`` (a hub branch, tag or
+    commit) only goes with a hub id: with a local folder it is an error.
+    ``random_init=True`` keeps the config (architecture, sizes) and draws fresh weights with
+    ``torch.manual_seed(seed)``, for trained-vs-untrained comparisons.
     """
     import transformers as tf
 
     source = str(model) if model is not None else str(TINY_MODEL_DIR)
+    if revision is not None and Path(source).expanduser().is_dir():
+        # transformers loads a folder as it is and ignores the revision: refuse, rather than
+        # record a revision the weights do not come from
+        raise ModelLoadError(f"revision {revision!r} was given with the local folder {source}, "
+                             "which has no revisions: drop the revision, or pass a hub id")
     torch_dtype = parse_dtype(dtype)
     common = dict(revision=revision, trust_remote_code=trust_remote_code)
     try:
@@ -84,10 +90,7 @@ def load_model(model: str | os.PathLike | None = None, *, revision: str | None =
         torch.manual_seed(seed)
         net = cls.from_config(config, trust_remote_code=trust_remote_code, **kwargs)
     else:
-        try:
-            net = cls.from_pretrained(source, device_map=device_map, **common, **kwargs)
-        except (OSError, ValueError) as e:
-            raise ModelLoadError(_load_hint(source, revision, e)) from None
+        net = _from_pretrained(cls, source, revision, device_map, common, kwargs)
     if device is not None and device_map is None:
         net = net.to(device)
     net.eval()
@@ -102,6 +105,53 @@ def load_model(model: str | os.PathLike | None = None, *, revision: str | None =
                 n_layers=_num_layers(config), d_model=_hidden_size(config),
                 weights_sha256=_weights_hash(source))
     return LoadedModel(net, tokenizer, config, info)
+
+
+def _from_pretrained(cls, source, revision, device_map, common, kwargs):
+    """``cls.from_pretrained`` with its failures turned into one-line errors naming the file:
+    a truncated or corrupted weight file, and weights that do not fit the config (which
+    transformers would otherwise fill with fresh random values, a silently wrong model)."""
+    from safetensors import SafetensorError
+
+    try:
+        net, report = cls.from_pretrained(source, device_map=device_map,
+                                          output_loading_info=True, **common, **kwargs)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        bad = _unreadable_weight_file(source)
+        if bad is not None:
+            raise ModelLoadError(f"weight file {bad[0]} is unreadable ({bad[1]}): it is truncated "
+                                 "or corrupted; copy or save the model again") from None
+        if "size mismatch" in str(e) or "ignore_mismatched_sizes" in str(e):
+            raise ModelLoadError(f"the weights in {source} do not fit its config.json (tensor "
+                                 "shapes differ): use the config the weights were saved with"
+                                 ) from None
+        raise ModelLoadError(_load_hint(source, revision, e)) from None
+    missing = [k for k in report.get("missing_keys", ()) if k]
+    mismatched = report.get("mismatched_keys", ())
+    if missing or mismatched:
+        keys = list(missing) + [m[0] if isinstance(m, (tuple, list)) else m for m in mismatched]
+        raise ModelLoadError(
+            f"the weights in {source} do not fit its config.json: {len(keys)} tensor(s) "
+            f"missing or of another shape (e.g. {sorted(keys)[0]}); they would be random. "
+            "Use the config the weights were saved with")
+    return net
+
+
+def _unreadable_weight_file(source) -> tuple[str, str] | None:
+    """``(path, error)`` of the first local weight file whose safetensors header can't be read."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(source)
+    if not folder.is_dir():
+        return None
+    for f in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                for key in fh.keys():   # reading each tensor catches a truncated body too
+                    fh.get_slice(key)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            return str(f), str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return None
 
 
 def _load_tokenizer(source, common):

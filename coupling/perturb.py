@@ -19,7 +19,6 @@ straight through (``X^0 = x``, e.g. Llama) each sample's cosine then falls monot
 """
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,31 +188,6 @@ def write_perturbation(res: PerturbResult, out_dir) -> list[Path]:
 # ------------------------------------------------------------------------------------------
 # Command line
 # ------------------------------------------------------------------------------------------
-def _levels_arg(text: str) -> list[float]:
-    try:
-        return [float(v) for v in text.replace(",", " ").split()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give numbers, e.g. 0.01,0.1,1") from None
-
-
-def add_perturb_parser(subparsers):
-    p = subparsers.add_parser(
-        "perturb", help="noise on one token's input embedding, cosine per layer (Fig. 34)",
-        description="Add Gaussian noise (sigma * ||x|| / sqrt(d) per coordinate) to one "
-                    "token's input embedding and report the cosine similarity of its hidden "
-                    "state with the clean one at every layer.")
-    p.add_argument("--model", help="hub id or save_pretrained folder (default: embedded tiny model)")
-    p.add_argument("--revision")
-    p.add_argument("--random-init", action="store_true", help="fresh random weights instead")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT)
-    p.add_argument("--levels", type=_levels_arg, default=list(DEFAULT_LEVELS),
-                   help="noise levels sigma, comma separated (default 0.01,0.03,0.1,0.3,1)")
-    p.add_argument("--token", type=int, default=-1, help="position to perturb (default -1: last)")
-    p.add_argument("--samples", type=int, default=8, help="noise draws per level")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="output directory")
-    p.set_defaults(func=cmd_perturb)
-    return p
 
 
 def cmd_perturb(args) -> int:

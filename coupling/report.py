@@ -29,6 +29,7 @@ import json
 import math
 import os
 import re
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -170,11 +171,24 @@ def off_diagonal_mask(n: int) -> np.ndarray:
     return ~np.eye(n, dtype=bool)
 
 
+def _fit_suptitle(fig: Figure):
+    """Wrap the figure title to the figure's width: without bbox_inches="tight" (which draws
+    every figure twice) a long title would be clipped at the edges."""
+    title = getattr(fig, "_suptitle", None)
+    if title is None:
+        return
+    width_pt = fig.get_figwidth() * 72
+    per_line = max(20, int(width_pt / (0.55 * title.get_fontsize())))
+    lines = [textwrap.fill(line, per_line) for line in title.get_text().split("\n")]
+    title.set_text("\n".join(lines))
+
+
 def save_figure(fig: Figure, path: Path) -> Path:
     """PNG at ``DPI`` written atomically (a half-written file never replaces a good one)."""
+    _fit_suptitle(fig)
     buf = io.BytesIO()
-    # constrained layout places everything; "tight" is the safety net against clipped labels
-    fig.savefig(buf, format="png", dpi=DPI, facecolor="white", bbox_inches="tight", pad_inches=0.15)
+    # constrained layout places everything (bbox_inches="tight" would draw each figure twice)
+    fig.savefig(buf, format="png", dpi=DPI, facecolor="white")
     atomic_write_bytes(path, buf.getvalue())
     return path
 
@@ -384,9 +398,33 @@ def layer_curves_figure(scans: list[ScanResult]) -> Figure:
         ax.set_xlabel("hidden state after layer l (0 = embedding)")
         _layer_ticks(ax, _n_layers(scans[0]), axis="x", start=0)
         ax.grid(alpha=0.3)
+        _mark_undetermined(ax, scans, legend=drawn)
     fig.suptitle(f"{model_label(scans[0].manifest)} ({_shape_label(scans[0].manifest)}): "
                  "per-layer measures, mean over prompts with inter-quartile band", fontsize=11)
     return fig
+
+
+def undetermined_layers(scan: ScanResult) -> dict:
+    """``{l: prompts}``: layers whose top-K subspace was undetermined at the Jacobian's
+    precision (``s_K / s_{K+1}`` within round-off; layers.parquet ``sv_gap_undetermined``)
+    in that many prompts."""
+    layers = scan.layers
+    if layers is None or "sv_gap_undetermined" not in layers:
+        return {}
+    flagged = layers[layers["sv_gap_undetermined"].fillna(False).astype(bool)]
+    return {int(l): int(n) for l, n in flagged.groupby("layer").size().items()}
+
+
+def _mark_undetermined(ax, scans, legend: bool):
+    """Red dotted lines at the layers whose top-K subspace was undetermined in any prompt:
+    the coupling numbers of these layers are arbitrary within round-off."""
+    bad = sorted({l for scan in scans for l in undetermined_layers(scan)})
+    for i, l in enumerate(bad):
+        ax.axvline(l, color="red", ls=":", lw=1.2, alpha=0.8,
+                   label="top-K subspace undetermined\n(s_K ~ s_K+1 within round-off)"
+                   if i == 0 else None)
+    if bad and legend:
+        ax.legend(fontsize=8)
 
 
 def _spans_decade(scans, col) -> bool:
@@ -496,11 +534,20 @@ def singular_values_figure(scans: list[ScanResult]) -> Figure:
             S = np.nanmean(np.asarray(scan.depth["singular_values"], float), axis=0)   # (L, K)
         L, K = S.shape
         ks = np.arange(1, K + 1)
+        nxt, bad = _next_values(scan, L), undetermined_layers(scan)
         for l in range(L):
-            ax.plot(ks, S[l], "-o", ms=3, color=cmap(norm(l + 1)), lw=1.5)
+            ax.plot(ks, S[l], "--" if l + 1 in bad else "-", marker="o", ms=3,
+                    color=cmap(norm(l + 1)), lw=1.5)
+            if np.isfinite(nxt[l]):      # s_{K+1}, the first value left out: the gap
+                ax.plot([K, K + 1], [S[l, -1], nxt[l]], ":", color=cmap(norm(l + 1)), lw=1)
+                ax.plot(K + 1, nxt[l], "o", ms=4, mfc="white", color=cmap(norm(l + 1)))
+            if l + 1 in bad:
+                ax.plot(K, S[l, -1], "x", color="red", ms=9, mew=2)
+        _spectra_note(ax, bad, np.isfinite(nxt).any(), len(scan.depth["singular_values"]))
         if log_y:
             _log_y(ax)
-        ax.set_xticks(ks if K <= 16 else ks[:: max(1, K // 10)])
+        ticks = np.arange(1, K + 2) if np.isfinite(nxt).any() else ks
+        ax.set_xticks(ticks if K <= 16 else ticks[:: max(1, K // 10)])
         ax.set_xlabel(r"index $k$ of singular value $\sigma_k$")
         ax.set_title(f"{model_label(scan.manifest)} (mean of {len(scan.depth['singular_values'])} prompts)",
                      fontsize=10)
@@ -514,6 +561,29 @@ def singular_values_figure(scans: list[ScanResult]) -> Figure:
     fig.suptitle(f"{who}: top-{_k(scans[0])} singular values of the block Jacobians per layer",
                  fontsize=11)
     return fig
+
+
+def _next_values(scan: ScanResult, L: int) -> np.ndarray:
+    """Mean over prompts of ``s_{K+1}`` per layer 1..L (layers.parquet ``sv_next``), nan if absent."""
+    M = layer_matrix(scan.layers, "sv_next")
+    if M.size == 0:
+        return np.full(L, np.nan)
+    with _quiet():
+        mean = np.nanmean(M, axis=0)[1:1 + L]
+    return np.concatenate([mean, np.full(L - len(mean), np.nan)])
+
+
+def _spectra_note(ax, bad: dict, has_next: bool, n_prompts: int):
+    """Legend: the hollow K+1 point, and which layers are dashed (undetermined top-K)."""
+    if has_next:
+        ax.plot([], [], "o", ms=4, mfc="white", color="0.3",
+                label=r"$\sigma_{K+1}$, first value left out (dotted: the gap)")
+    if bad:
+        which = ", ".join(f"{l} ({n}/{n_prompts})" for l, n in sorted(bad.items()))
+        ax.plot([], [], "--x", color="red", ms=8, mew=2,
+                label=f"dashed, x: top-K subspace undetermined\n(gap within round-off) in layer {which}")
+    if has_next or bad:
+        ax.legend(fontsize=7, loc="upper right")
 
 
 # ------------------------------------------------------------------------------------------
@@ -840,19 +910,6 @@ def draw_training_figures(run_dirs, out_dir, adjacency_steps=None) -> list[Path]
 # ------------------------------------------------------------------------------------------
 # Command line
 # ------------------------------------------------------------------------------------------
-def add_report_parser(subparsers):
-    p = subparsers.add_parser("report", help="draw the figures of a finished scan",
-                              description="Draw the figures of a scan output directory into "
-                                          "DIR/figures/ and print the files written.")
-    p.add_argument("dir", metavar="DIR", help="output directory of a finished `coupling scan`")
-    p.add_argument("--compare", metavar="DIR2",
-                   help="a second scan drawn beside it (default: a sibling directory holding "
-                        "the same model at the other --random-init, if any)")
-    p.add_argument("--no-compare", action="store_true", help="draw this scan alone")
-    p.add_argument("--prompt", default="0", metavar="N",
-                   help="prompt (index or id) of the single-prompt figures (default 0)")
-    p.set_defaults(func=main_report)
-    return p
 
 
 def main_report(args) -> int:

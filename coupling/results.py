@@ -4,14 +4,19 @@ Layout (README, "Output directory")::
 
     manifest.json         config, model id/revision/hash, package versions, timings
     summary.parquet       one row per prompt
-    layers.parquet        one row per prompt x layer (0..L)
+    layers.parquet        one row per prompt x layer (0..L); sv_1..sv_K, sv_next, sv_gap,
+                          sv_gap_undetermined, svd_fallback for layers 1..L
     depth_coupling.npz    normalized, raw: (P, L, L); singular_values: (P, L, K); prompt_ids
     token_coupling.npz    self, fixed_input, fixed_output: (P, n_max, n_max), nan-padded
     pca.npz               projections: (P, L+1, n_max, 2), nan-padded; n_tokens
+    failures.json         prompts that failed: prompt_id, layer (when known), error
     figures/              drawn by ``coupling report`` (and at the end of a scan)
+    .coupling-scan        the marker: this folder is a scan output, and the files written
 
 The whole directory is written under a temporary name beside the target and renamed into
-place, so an interrupted scan never leaves a half-written result.
+place, so an interrupted scan never leaves a half-written result.  ``overwrite`` replaces
+only a folder that carries the marker and nothing else (``coupling.owned``): the old one is
+moved aside, the new one renamed in, the old one's own files removed.
 """
 from __future__ import annotations
 
@@ -25,7 +30,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .owned import LocalTree, check_replaceable, replace_dir, root_kind, write_marker
+
 MANIFEST = "manifest.json"
+FAILURES = "failures.json"
 
 
 class OutputDirError(ValueError):
@@ -35,14 +43,16 @@ class OutputDirError(ValueError):
 def check_output_dir(out_dir, overwrite: bool = False) -> Path:
     """Fail early (before any work) if ``out_dir`` cannot receive a result."""
     out = Path(out_dir)
-    if out.exists():
+    if out.is_file():
+        raise OutputDirError(f"--out {out} is a file: pass a directory path")
+    if out.exists() and any(out.iterdir()):
         if (out / MANIFEST).exists() and not overwrite:
             raise OutputDirError(f"{out} already holds a finished scan: choose another --out, "
                                  "or pass --overwrite to replace it")
-        if out.is_file():
-            raise OutputDirError(f"--out {out} is a file: pass a directory path")
-        if any(out.iterdir()) and not (out / MANIFEST).exists():
-            raise OutputDirError(f"{out} exists and is not empty: choose an empty or new --out")
+        if root_kind(LocalTree(out)) != "scan":
+            raise OutputDirError(f"{out} exists, is not empty and is not a coupling scan "
+                                 "output: choose an empty or new --out")
+        check_replaceable(LocalTree(out), kinds=("scan",))
     parent = out.resolve().parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -87,8 +97,31 @@ def layers_frame(results) -> pd.DataFrame:
             sv[1:1 + r.singular_values.shape[0]] = r.singular_values  # layer l >= 1
             for j in range(sv.shape[1]):
                 df[f"sv_{j + 1}"] = sv[:, j]
+            _spectral_columns(df, r, sv[:, -1])
+        if getattr(r, "deflation", None):     # --deflate-ln: what was removed, and the checks
+            from .deflation import layer_columns   # (imports torch: only when needed)
+            df = df.assign(**layer_columns(r.deflation, len(df) - 1))
         frames.append(df)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _spectral_columns(df: pd.DataFrame, r, sv_k: np.ndarray):
+    """``sv_next`` (s_{K+1}), ``sv_gap`` (s_K / s_{K+1}), and the per-layer flags
+    ``sv_gap_undetermined`` (top-K subspace not determined at the Jacobian's precision,
+    ``coupling.spectral_gap``) and ``svd_fallback`` (ARPACK fell back to the dense SVD);
+    layer 0 (no Jacobian) is nan / <NA>."""
+    nxt = np.full(len(df), np.nan)
+    if r.next_singular_values is not None:
+        nxt[1:1 + len(r.next_singular_values)] = r.next_singular_values
+    df["sv_next"] = nxt
+    with np.errstate(divide="ignore", invalid="ignore"):
+        df["sv_gap"] = sv_k / nxt
+    for name, col in (("undetermined", "sv_gap_undetermined"), ("svd_fallback", "svd_fallback")):
+        flags = (r.spectral_flags or {}).get(name)
+        values = [pd.NA] * len(df)
+        if flags is not None:
+            values[1:1 + len(flags)] = [bool(f) for f in flags]
+        df[col] = pd.array(values, dtype="boolean")
 
 
 def _padded(arrays, shape_tail_fn, n_max):
@@ -103,22 +136,25 @@ def _padded(arrays, shape_tail_fn, n_max):
     return out
 
 
-def write_scan_output(out_dir, manifest: dict, results, overwrite: bool = False) -> Path:
-    """Write every file into a temporary sibling directory, then rename it into place."""
+def write_scan_output(out_dir, manifest: dict, results, overwrite: bool = False,
+                      failures=()) -> Path:
+    """Write every file into a temporary sibling directory, then swap it into place."""
     out = check_output_dir(out_dir, overwrite)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.resolve().parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-", dir=out.resolve().parent))
     try:
-        _write_files(tmp, manifest, results)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        _write_files(tmp, manifest, results, failures)
+        written = [p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file()]
+        write_marker(tmp, "scan", written)
+        if out.exists() and not any(out.iterdir()):
+            out.rmdir()
+        replace_dir(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)   # our own fresh mkdtemp folder
         raise
     return out
 
 
-def _write_files(folder: Path, manifest: dict, results):
+def _write_files(folder: Path, manifest: dict, results, failures=()):
     ids = np.array([r.prompt_id for r in results])
     summary_frame(results).to_parquet(folder / "summary.parquet", index=False)
     layers_frame(results).to_parquet(folder / "layers.parquet", index=False)
@@ -141,6 +177,8 @@ def _write_files(folder: Path, manifest: dict, results):
         proj = _padded([r.pca for r in results], lambda a, n: (a.shape[0], n, a.shape[2]), n_max)
         np.savez(folder / "pca.npz", prompt_ids=ids, projections=proj,
                  n_tokens=np.array([r.n_tokens for r in results]))
+    (folder / FAILURES).write_text(json.dumps({"failures": list(failures)}, indent=1,
+                                              default=_json_default))
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json_default))
 
 
@@ -167,6 +205,7 @@ class ScanResult:
     depth: dict = field(default_factory=dict)
     tokens: dict = field(default_factory=dict)
     pca: dict = field(default_factory=dict)
+    failures: list = field(default_factory=list)   # {prompt_id, layer, error} per failed prompt
 
     @property
     def mean_mis_coupling(self) -> float:
@@ -178,12 +217,45 @@ class ScanResult:
                 f"mean m~={self.mean_mis_coupling:.4f})")
 
 
+def reliability_lines(result: ScanResult) -> list[str]:
+    """Summary lines on how far the depth-wise numbers can be trusted: layers whose top-K
+    subspace is undetermined at the Jacobian's precision (always shown when measured), grid
+    entries left out of the means as nan and ARPACK fall-backs (shown when there are any)."""
+    s, lines = result.summary, []
+    if "depth_undetermined_layers" in s:
+        bad = s["depth_undetermined_layers"].fillna(0)
+        if bad.sum() == 0:
+            gap = result.layers["sv_gap"] if "sv_gap" in result.layers else pd.Series(dtype=float)
+            low = f" (smallest s_K/s_K+1 {gap.min():.4f})" if gap.notna().any() else ""
+            lines.append(f"top-K gap  every layer's top-K subspace fixed to < 0.01 rad at float32{low}")
+        else:
+            where = ""
+            if "sv_gap_undetermined" in result.layers:
+                flagged = result.layers[result.layers["sv_gap_undetermined"].fillna(False)]
+                where = f" (layers {', '.join(str(l) for l in sorted(set(flagged['layer'])))})"
+            lines.append(f"top-K gap  UNDETERMINED: {int(bad.sum())} layer(s) in {int((bad > 0).sum())}"
+                         f"/{len(s)} prompts{where} have s_K ~ s_K+1 within round-off; their "
+                         "coupling is arbitrary (layers.parquet: sv_gap_undetermined)")
+    if "depth_nan_entries" in s and s["depth_nan_entries"].fillna(0).sum() > 0:
+        nan = s["depth_nan_entries"].fillna(0)
+        lines.append(f"nan entries  {int(nan.sum())} off-diagonal grid entries in "
+                     f"{int((nan > 0).sum())}/{len(s)} prompts left out of the means "
+                     "(summary.parquet: depth_nan_entries)")
+    if "depth_svd_fallbacks" in s and s["depth_svd_fallbacks"].fillna(0).sum() > 0:
+        fb = s["depth_svd_fallbacks"].fillna(0)
+        lines.append(f"SVD          ARPACK did not converge on {int(fb.sum())} layer(s) in "
+                     f"{int((fb > 0).sum())} prompts: dense SVD used (layers.parquet: svd_fallback)")
+    return lines
+
+
 def read_scan_output(out_dir) -> ScanResult:
     out = Path(out_dir)
     if not (out / MANIFEST).exists():
         raise OutputDirError(f"{out} holds no finished scan (no {MANIFEST}): run `coupling scan --out {out}` first")
     manifest = json.loads((out / MANIFEST).read_text())
     load = lambda name: dict(np.load(out / name, allow_pickle=False)) if (out / name).exists() else {}  # noqa: E731
+    failures = json.loads((out / FAILURES).read_text())["failures"] \
+        if (out / FAILURES).exists() else []
     return ScanResult(out, manifest, pd.read_parquet(out / "summary.parquet"),
                       pd.read_parquet(out / "layers.parquet"), load("depth_coupling.npz"),
-                      load("token_coupling.npz"), load("pca.npz"))
+                      load("token_coupling.npz"), load("pca.npz"), failures)

@@ -4,24 +4,35 @@
 ``configs/`` hold the same keys.  All input is validated (model, prompts, token lengths, K,
 output directory) before the first Jacobian is taken, so bad input costs seconds and leaves
 nothing behind.
+
+Each finished prompt is saved at once in ``OUT.partial/`` (``coupling.store``); rerunning
+the same scan after a crash computes only the prompts not saved there.  A prompt whose
+analysis raises is recorded (``failures.json``) and the others go on, unless ``fail_fast``.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import platform
+import re
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from .analysis import ScanSettings, analyze_prompt
+from .analysis import ScanSettings, analyze_prompt, jacobian_function_report
 from .loading import LoadedModel, load_model
 from .prompts import Prompt, load_prompts, tokenize_prompt
+from .owned import LocalTree, check_replaceable, remove_owned, root_kind
 from .results import ScanResult, check_output_dir, read_scan_output, write_scan_output
+from .store import ShardStore, plan_shards
 
 SETTINGS_KEYS = {f.name for f in dataclasses.fields(ScanSettings)}
+LOCAL_SHARD_SIZE = 1     # every finished prompt is saved at once (a crash loses at most one)
 
 
 @dataclass
@@ -41,6 +52,7 @@ class ScanConfig:
     overwrite: bool = False
     figures: bool = True
     threads: int | None = None        # torch intra-op threads; None: 1 for d <= 256, else torch's default
+    fail_fast: bool = False           # the first failing prompt stops the scan (else: failures.json)
     settings: ScanSettings = field(default_factory=ScanSettings)
 
     @classmethod
@@ -135,6 +147,7 @@ def scan(model: str | None = None, *, config: ScanConfig | None = None, progress
         import tempfile
         out = str(Path(tempfile.mkdtemp(prefix="coupling-scan-")) / "result")
     check_output_dir(out, cfg.overwrite)
+    partial = check_partial_dir(out, cfg.overwrite)
     t_start = time.perf_counter()
     lm = loaded or load_model(cfg.model, revision=cfg.revision, dtype=cfg.dtype,
                               random_init=cfg.random_init, seed=cfg.init_seed,
@@ -147,13 +160,23 @@ def scan(model: str | None = None, *, config: ScanConfig | None = None, progress
     if not prompts:
         raise ValueError(f"prompt source {cfg.prompts!r} holds no prompts")
     token_ids = tokenize_all(lm, prompts, cfg.max_tokens)
+    store = open_store(partial, cfg, lm, prompts, token_ids, cfg.overwrite)
     t_loaded = time.perf_counter()
-    results = run_prompts(lm, prompts, token_ids, cfg, progress)
+    run = run_prompts(lm, prompts, token_ids, cfg, progress, store=store)
     t_done = time.perf_counter()
-    manifest = build_manifest(cfg, lm, timings={"load_s": t_loaded - t_start,
+    results = run.results
+    if not results:
+        f = run.failures[0]
+        raise PromptFailed(f"all {len(prompts)} prompts failed (first: {f['prompt_id']}: "
+                           f"{f['error']})")
+    manifest = build_manifest(cfg, lm.info, timings={"load_s": t_loaded - t_start,
                                                "analysis_s": t_done - t_loaded,
-                                               "per_prompt_s": (t_done - t_loaded) / len(prompts)})
-    write_scan_output(out, manifest, results, cfg.overwrite)
+                                               "per_prompt_s": (t_done - t_loaded) / max(run.computed, 1)},
+                              results=results)
+    manifest["prompts"] = {"total": len(prompts), "computed": run.computed,
+                           "resumed": run.resumed, "failed": len(run.failures)}
+    write_scan_output(out, manifest, results, cfg.overwrite, failures=run.failures)
+    remove_store(store)
     result = read_scan_output(out)
     if cfg.figures:
         from .report import draw_figures
@@ -161,21 +184,135 @@ def scan(model: str | None = None, *, config: ScanConfig | None = None, progress
     return result
 
 
-def run_prompts(lm, prompts, token_ids, cfg: ScanConfig, progress: bool = True):
+@dataclass
+class PromptRun:
+    results: list          # PromptResult per prompt that succeeded, in prompt order
+    failures: list         # {prompt_id, layer, error} per prompt that failed
+    computed: int = 0      # prompts analysed in this run (the others came from the store)
+    resumed: int = 0
+
+
+def run_prompts(lm, prompts, token_ids, cfg: ScanConfig, progress: bool = True,
+                store: ShardStore | None = None) -> PromptRun:
+    """Analyse every prompt not already in ``store``, saving each as it finishes.
+
+    A prompt that raises is recorded (``failure_record``) and the others go on, unless
+    ``cfg.fail_fast``; failed prompts are not stored, so a rerun tries them again.
+    """
     from tqdm.auto import tqdm
 
-    results = []
-    bar = tqdm(total=len(prompts), desc="scan", unit="prompt", disable=not progress,
-               file=sys.stderr)
+    shards = plan_shards(prompts, token_ids, LOCAL_SHARD_SIZE)
+    done = store.done(shards) if store is not None else set()
+    if done and progress:
+        print(f"resuming from {store.root}: {len(done)} of {len(shards)} prompts already done",
+              file=sys.stderr)
+    bar = tqdm(total=len(shards), initial=len(done), desc="scan", unit="prompt",
+               disable=not progress, file=sys.stderr)
+    by_index, failures, computed = {}, [], 0
+    try:                  # the bar's last line ends before any error is printed
+        for shard, ids in zip(shards, token_ids):
+            if shard.index in done:
+                continue
+            pid, meta = shard.prompt_ids[0], shard.metas[0]
+            try:
+                result = analyze_prompt(lm, ids, cfg.settings, pid, meta)
+            except Exception as e:   # noqa: BLE001 -- any failure of one prompt is isolated
+                if cfg.fail_fast:
+                    raise PromptFailed(f"prompt {pid} failed ({_first_line(e)}); without "
+                                       "--fail-fast it is recorded in failures.json and the "
+                                       "scan goes on") from e
+                failures.append(failure_record(pid, e))
+            else:
+                by_index[shard.index] = result
+                if store is not None:
+                    store.write(shard, [result])
+            computed += 1
+            bar.update(1)
+    finally:
+        bar.close()
+    if done:
+        for shard in shards:
+            if shard.index in done:
+                by_index[shard.index] = store.read(shard)[0]
+        store.report_foreign()
+    results = [by_index[s.index] for s in shards if s.index in by_index]
+    return PromptRun(results, failures, computed, len(done))
+
+
+class PromptFailed(RuntimeError):
+    """A prompt's analysis raised and ``fail_fast`` was set."""
+
+
+def failure_record(prompt_id: str, e: BaseException) -> dict:
+    """What failures.json says about one failed prompt; the layer when the error names it
+    (``layer 3``, or a zero step ``x^3 == x^2``: block 3 did not move the state)."""
+    m = re.search(r"\blayer (\d+)", str(e)) or re.search(r"x\^(\d+) == x\^\d+", str(e))
+    return {"prompt_id": prompt_id, "layer": int(m.group(1)) if m else None,
+            "error": f"{type(e).__name__}: {_first_line(e)}"}
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+# ------------------------------------------------------------------------------------------
+# The store of finished prompts: OUT.partial/ beside the output, until the scan is written
+# ------------------------------------------------------------------------------------------
+def partial_dir(out) -> Path:
+    out = Path(out)
+    return out.with_name(out.name + ".partial")
+
+
+def check_partial_dir(out, overwrite: bool) -> Path:
+    """``OUT.partial``: absent, or a shard folder of coupling (else a one-line error)."""
+    partial = partial_dir(out)
+    tree = LocalTree(partial)
+    if partial.is_file() or (partial.exists() and tree.files()
+                             and root_kind(tree) != "shards"):
+        raise ValueError(f"{partial} exists and is not a coupling shard folder (where a scan "
+                         f"into {out} keeps its finished prompts): move it away")
+    if overwrite:
+        check_replaceable(tree, kinds=("shards",))
+    return partial
+
+
+def open_store(partial: Path, cfg: ScanConfig, lm, prompts, token_ids, overwrite: bool):
+    """The store in ``partial`` for this exact scan; ``overwrite`` discards what it held."""
+    if overwrite:
+        remove_owned(LocalTree(partial), kinds=("shards",))
+    store = ShardStore(partial)
+    store.check_plan(scan_plan(cfg, lm.info, prompts, token_ids))
+    store.clean_partial()
+    return store
+
+
+def scan_plan(cfg: ScanConfig, info: dict, prompts, token_ids) -> dict:
+    """What must not change between a run and its resume: model, settings, prompts."""
+    volatile = ("out", "overwrite", "figures", "threads", "fail_fast")
+    digest = hashlib.sha256()
     for p, ids in zip(prompts, token_ids):
-        meta = {**p.meta, "text": p.text}
-        results.append(analyze_prompt(lm, ids, cfg.settings, p.id, meta))
-        bar.update(1)
-    bar.close()
-    return results
+        digest.update(json.dumps([p.id, p.text, ids.reshape(-1).tolist()]).encode())
+    return {"format": "coupling-local-scan/1", "shard_size": LOCAL_SHARD_SIZE,
+            "config": {k: v for k, v in cfg.to_dict().items() if k not in volatile},
+            "model": info, "prompts": [p.id for p in prompts],
+            "prompts_sha256": digest.hexdigest()}
 
 
-def build_manifest(cfg: ScanConfig, lm: LoadedModel, timings: dict) -> dict:
-    return {"format": "coupling-scan/1", "config": cfg.to_dict(), "model": dict(lm.info),
+def remove_store(store: ShardStore):
+    """Delete the shards once the output is written (files that are not ours stay)."""
+    left = remove_owned(LocalTree(store.root), kinds=("shards",), strict=False)
+    if left:
+        warnings.warn(f"kept {store.root}: it holds files coupling did not write "
+                      f"({', '.join(left[:5])})", stacklevel=2)
+
+
+def build_manifest(cfg: ScanConfig, info: dict, timings: dict, results=()) -> dict:
+    """The manifest of one scan: config, model ``info`` (``LoadedModel.info``), versions,
+    timings, and which function every layer's Jacobians were taken of."""
+    n_layers = info.get("n_layers") or 0
+    mean_tokens = (sum(r.n_tokens for r in results) / len(results)) if results else None
+    return {"format": "coupling-scan/1", "config": cfg.to_dict(), "model": dict(info),
             "versions": package_versions(), "timings": timings,
+            "jacobians": jacobian_function_report(results, n_layers, mean_tokens),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

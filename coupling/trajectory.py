@@ -1,12 +1,18 @@
 """Trajectories ``X^0 ... X^L`` of a prompt through the blocks, with the blocks' real calls.
 
-``X^l`` follows METHODS.md: Hugging Face's ``hidden_states`` (embedding output first, the last
-entry after the model's final normalisation).  ``raw_last=True`` replaces the last entry by
-the raw output of the last block (no final norm).
+``X^l`` is Hugging Face's ``hidden_states`` (embedding output first).  The last entry depends on
+which function the last block is (``last_block``), so that ``X^L - X^{L-1} = f^L(X^{L-1})``
+always holds for the ``f^L`` whose Jacobian is taken:
+
+* ``"with-final-norm"`` (default, the paper's Eq. 7): ``F^L = norm(block_L(X))``, and ``X^L`` is
+  Hugging Face's last hidden state, which already carries the final norm (GPT-2, Llama,
+  NeoX, Phi, Falcon, Gemma; where it does not, e.g. ViT, the norm is applied here);
+* ``"raw"``: ``F^L = block_L``, and ``X^L`` is the last block's recorded output, before the norm.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,6 +28,9 @@ class ForwardRecord:
     calls: list[BlockCall]
     block_path: str
     raw_last: torch.Tensor  # raw last-block output (1, n, d), before any final norm
+    last_block: str = "with-final-norm"   # what X^L is: see the module docstring
+    final_norm: torch.nn.Module | None = field(default=None, repr=False)  # inside F^L, if any
+    cache: dict = field(default_factory=dict, repr=False)   # per-layer facts found on demand
 
     @property
     def n_layers(self) -> int:
@@ -44,9 +53,22 @@ def model_inputs(inputs) -> dict:
     return {"input_ids": ids}
 
 
+LAST_BLOCKS = ("with-final-norm", "raw")
+
+
+def check_last_block(last_block: str) -> str:
+    if last_block not in LAST_BLOCKS:
+        raise ValueError(f"last_block must be one of {', '.join(LAST_BLOCKS)}, got "
+                         f"{last_block!r} (CLI: --raw-last-block for 'raw')")
+    return last_block
+
+
 @torch.no_grad()
-def run_forward(loaded: LoadedModel, inputs, block_path: str | None = None) -> ForwardRecord:
-    """One forward pass recording hidden states and every block's call."""
+def run_forward(loaded: LoadedModel, inputs, block_path: str | None = None,
+                last_block: str = "with-final-norm") -> ForwardRecord:
+    """One forward pass recording hidden states and every block's call (``X^L`` as
+    ``last_block`` says)."""
+    check_last_block(last_block)
     model = loaded.model
     path, blocks = find_blocks(model, block_path, loaded.info.get("n_layers"))
     kwargs = model_inputs(inputs)
@@ -64,18 +86,45 @@ def run_forward(loaded: LoadedModel, inputs, block_path: str | None = None) -> F
     if missing:
         raise ValueError(f"blocks {missing} were not called in the forward pass")
     traj = torch.stack([h[0].float() for h in hs])
-    return ForwardRecord(traj, rec.calls, path, rec.calls[-1].output)
+    raw = rec.calls[-1].output
+    norm = find_final_norm(model)
+    if norm is not None:
+        normed = norm(raw)[0].float()
+        if not torch.allclose(traj[-1], normed, rtol=1e-4, atol=1e-5 * float(normed.abs().max())):
+            traj[-1] = normed    # Hugging Face left X^L before the final norm (ViT does)
+    elif last_block == "with-final-norm" and not torch.equal(traj[-1], raw[0].float()):
+        raise ValueError(f"{type(model).__name__}'s last hidden state is not its last block's "
+                         "output and no final norm was found, so the last block's Jacobian "
+                         "would not match X^L: scan with --raw-last-block")
+    record = ForwardRecord(traj, rec.calls, path, raw, final_norm=norm)
+    return with_last_block(record, last_block, model)
+
+
+def with_last_block(record: ForwardRecord, last_block: str, model=None) -> ForwardRecord:
+    """``record`` with ``X^L`` for ``last_block`` (the same object when it already is)."""
+    check_last_block(last_block)
+    if record.last_block == last_block:
+        return record
+    norm = record.final_norm or (find_final_norm(model) if model is not None else None)
+    if last_block == "raw":
+        norm = None
+    if record.raw_last is None:   # a pipeline stage without the last block: X^L unknown here
+        return dataclasses.replace(record, last_block=last_block, final_norm=norm, cache={})
+    states = record.hidden_states.clone()
+    raw = record.raw_last
+    if norm is not None:
+        with torch.no_grad():
+            raw = norm(raw.to(next(norm.parameters(), raw).dtype))
+    states[-1] = raw[0].float()
+    return dataclasses.replace(record, hidden_states=states, last_block=last_block,
+                               final_norm=norm, cache={})
 
 
 def trajectories(loaded: LoadedModel, inputs, raw_last: bool = False,
                  block_path: str | None = None) -> torch.Tensor:
     """``X^0..X^L`` as a float32 tensor of shape ``(L+1, n, d)``."""
-    rec = run_forward(loaded, inputs, block_path)
-    traj = rec.hidden_states
-    if raw_last:
-        traj = traj.clone()
-        traj[-1] = rec.raw_last[0].float()
-    return traj
+    return run_forward(loaded, inputs, block_path,
+                       "raw" if raw_last else "with-final-norm").hidden_states
 
 
 def logit_lens_head(loaded: LoadedModel):

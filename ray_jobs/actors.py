@@ -4,59 +4,24 @@ Both are plain classes (``ray.remote`` is applied by the driver with the resourc
 restart policy placement chose), so they can also be used in-process.  Every method is a
 pure function of its arguments plus a cache: a restarted actor (``max_restarts``) that gets
 a retried task (``max_task_retries``) recomputes whatever its cache lost.
-
-Test-only fault injection (``FaultHooks``, from environment variables read by the driver):
-``COUPLING_TEST_CRASH_AFTER=N`` makes the first actor that reaches N analysed prompts exit
-with ``os._exit(1)`` once -- "once" is a marker file created with ``O_EXCL`` before exiting,
-so the restarted actor and the other actors go on; ``COUPLING_TEST_SHARD_DELAY=S`` sleeps
-S seconds after each shard or prompt (to kill a driver mid-scan in tests).
 """
 from __future__ import annotations
 
 import os
-import time
-from dataclasses import dataclass
 
 import torch
 
 from coupling.analysis import ScanSettings, analyze_prompt
 
 
-@dataclass
-class FaultHooks:
-    crash_after: int | None = None
-    crash_marker: str | None = None
-    delay_s: float = 0.0
-
-    @classmethod
-    def from_env(cls, default_marker: str) -> "FaultHooks":
-        after = os.environ.get("COUPLING_TEST_CRASH_AFTER")
-        return cls(int(after) if after else None,
-                   os.environ.get("COUPLING_TEST_CRASH_MARKER", default_marker),
-                   float(os.environ.get("COUPLING_TEST_SHARD_DELAY", "0") or 0))
-
-
-class _Faults:
-    def __init__(self, hooks: FaultHooks | None):
-        self.hooks = hooks or FaultHooks()
-        self.count = 0
-
-    def tick(self):
-        """Count one analysed prompt; crash here if the test hook says so (once)."""
-        self.count += 1
-        h = self.hooks
-        if h.crash_after is not None and self.count >= h.crash_after and h.crash_marker:
-            try:
-                fd = os.open(h.crash_marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                return
-            os.write(fd, f"pid {os.getpid()} after {self.count} prompts\n".encode())
-            os.close(fd)
-            os._exit(1)
-
-    def pause(self):
-        if self.hooks.delay_s:
-            time.sleep(self.hooks.delay_s)
+def _node_id() -> str | None:
+    """The Ray node this actor runs on (None in-process without Ray): the report's record of
+    where each replica or stage ran."""
+    try:
+        import ray
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except ImportError:
+        return None
 
 
 def _threads(threads: int | None):
@@ -72,18 +37,16 @@ class ReplicaWorker:
     the one held -- so one pool serves consecutive models, and a restarted worker reloads.
     """
 
-    def __init__(self, threads: int | None = 1, use_gpu: bool = False,
-                 hooks: FaultHooks | None = None):
+    def __init__(self, threads: int | None = 1, use_gpu: bool = False):
         _threads(threads)
         self.use_gpu = use_gpu
         self.spec, self.lm = None, None
-        self.faults = _Faults(hooks)
 
     def prepare(self, spec: dict) -> dict:
         """Load ``spec`` if needed; what the driver reports about this worker."""
         reused = self.spec == spec
         self._load(spec)
-        return {"pid": os.getpid(), "n_params": self.lm.info["n_params"],
+        return {"pid": os.getpid(), "node_id": _node_id(), "n_params": self.lm.info["n_params"],
                 "device": str(self.lm.device), "reused": reused}
 
     def _load(self, spec: dict):
@@ -104,8 +67,6 @@ class ReplicaWorker:
         out = []
         for pid, ids, meta in zip(shard.prompt_ids, shard.token_ids, shard.metas):
             out.append(analyze_prompt(self.lm, torch.tensor([ids]), spec["settings"], pid, meta))
-            self.faults.tick()
-        self.faults.pause()
         return out
 
 
@@ -118,8 +79,7 @@ class StageWorker:
 
     def __init__(self, source: str, revision, config, lo: int, hi: int, dtype: str,
                  settings: ScanSettings, block_path=None, trust_remote_code: bool = False,
-                 threads: int | None = 1, use_gpu: bool = False,
-                 hooks: FaultHooks | None = None):
+                 threads: int | None = 1, use_gpu: bool = False):
         from .stage import StageModel
 
         _threads(threads)
@@ -128,10 +88,9 @@ class StageWorker:
                                 device="cuda" if use_gpu else "cpu", block_path=block_path,
                                 trust_remote_code=trust_remote_code, revision=revision)
         self.cache: dict = {}          # key -> {"fwd": StageForward, "kept": dense Jacobians}
-        self.faults = _Faults(hooks)
 
     def ready(self) -> dict:
-        return {"pid": os.getpid(), "n_params": self.stage.n_params,
+        return {"pid": os.getpid(), "node_id": _node_id(), "n_params": self.stage.n_params,
                 "bytes_read": self.stage.bytes_read, "blocks": [self.stage.lo, self.stage.hi]}
 
     def _fwd(self, key, x_in):
@@ -144,7 +103,6 @@ class StageWorker:
         """Returns ``(x_out, states)``: the next stage's input (None on the last stage) and
         this stage's trajectory slice ``{l: X^l (n, d)}`` in the model dtype."""
         entry = self._fwd(key, x_in)
-        self.faults.tick()
         fwd = entry["fwd"]
         x_out = None if self.stage.last else entry["x_out"].cpu()
         # states are float32 casts of model-dtype tensors: shipping them in the model dtype
@@ -172,7 +130,6 @@ class StageWorker:
         if "tokens" in s.measures and self.owns_token_layers():
             out["tokens"] = self.stage.tokens(entry["fwd"], s, prompt_id, meta)
         self.cache.pop(key, None)
-        self.faults.pause()
         return out
 
     def owns_token_layers(self) -> bool:

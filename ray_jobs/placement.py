@@ -50,6 +50,11 @@ class NodeInfo:
     gpus: float
     memory: float                    # bytes of Ray's logical "memory" resource
     gpu_memory: float | None = None  # bytes per GPU
+    label: str = ""                  # what the plan calls it: node type, or id + custom resources
+
+    @property
+    def name(self) -> str:
+        return self.label or self.node_id[:8]
 
 
 @dataclass
@@ -83,6 +88,9 @@ class Placement:
     memory: int = 0                             # bytes per actor (largest stage)
     stage_memory: list = field(default_factory=list)
     reason: str = ""
+    hosts: list = field(default_factory=list)   # replicas: [(node, count)]; stages: node per stage
+    device_map: dict | None = None              # GPU replicas: Accelerate's map for one copy
+    gpu_budget: int = 0                         # GPU replicas/stages: weight bytes per GPU
 
     def describe(self) -> str:
         if self.kind == "replicas":
@@ -94,7 +102,9 @@ class Placement:
         return {"kind": self.kind, "n_actors": self.n_actors,
                 "ranges": [list(r) for r in self.ranges], "cpus": self.cpus, "gpus": self.gpus,
                 "memory_bytes": self.memory, "stage_memory_bytes": self.stage_memory,
-                "reason": self.reason}
+                "reason": self.reason, "hosts": [list(h) if isinstance(h, tuple) else h
+                                                 for h in self.hosts],
+                "device_map": self.device_map, "gpu_budget_bytes": self.gpu_budget}
 
 
 # ------------------------------------------------------------------------------------------
@@ -119,7 +129,8 @@ def cluster_nodes(gpu_memory_gb: float | None = None, autoscaler_config=None) ->
         gpus = float(res.get("GPU", 0))
         alive.append(NodeInfo(node["NodeID"], float(res.get("CPU", 0)), gpus,
                               float(res.get("memory", 0)),
-                              _gpu_memory(res, gpus, gpu_memory_gb) if gpus else None))
+                              _gpu_memory(res, gpus, gpu_memory_gb) if gpus else None,
+                              _node_label(node["NodeID"], res)))
     path = Path(os.path.expanduser(autoscaler_config or "~/ray_bootstrap_config.yaml"))
     if autoscaler_config is None and not path.exists():
         return alive
@@ -141,9 +152,18 @@ def launchable_nodes(config: dict, alive=(), gpu_memory_gb: float | None = None)
         running = sum(1 for n in alive if (n.cpus, n.gpus) == (cpus, gpus))
         count = max(0, min(int(t.get("max_workers", budget)), budget) - running)
         gpu_mem = _gpu_memory(res, gpus, gpu_memory_gb) if gpus else None
-        out += [NodeInfo(f"{name}#{i}", cpus, gpus, res.get("memory", 0.0), gpu_mem)
-                for i in range(count)]
+        out += [NodeInfo(f"{name}#{i}", cpus, gpus, res.get("memory", 0.0), gpu_mem,
+                         f"{name} (to launch)") for i in range(count)]
     return out
+
+
+# Ray's own resources; anything else on a node (node_a, gpu_memory_gb...) names it in the plan
+_STANDARD = ("CPU", "GPU", "memory", "object_store_memory", "node:", "accelerator_type:")
+
+
+def _node_label(node_id: str, res: dict) -> str:
+    custom = sorted(k for k in res if not k.startswith(_STANDARD) and k != GPU_MEMORY_RESOURCE)
+    return node_id[:8] + (f" [{','.join(custom)}]" if custom else "")
 
 
 def _gpu_memory(res: dict, gpus: float, override_gb: float | None) -> float | None:
@@ -244,6 +264,77 @@ def balanced_ranges(sizes: ModelSizes, n_stages: int) -> list:
 
 
 # ------------------------------------------------------------------------------------------
+# GPUs of one replica
+# ------------------------------------------------------------------------------------------
+def gpu_reserve(sizes: ModelSizes, n_tokens: int, settings: ScanSettings) -> int:
+    """What every GPU of a replica keeps free besides its weights: one chunk of products
+    through a block (+ its float32 copy), the prompt's held layer state (all of it: the
+    layers' GPU is not known before the map is made) and the CUDA context."""
+    return (transient_memory(sizes, n_tokens, settings)
+            + held_memory(sizes.n_layers, sizes.d_model, n_tokens, settings) + PROCESS_OVERHEAD)
+
+
+def gpus_for_replica(sizes: ModelSizes, budget: float, max_gpus: int) -> int:
+    """The fewest GPUs whose ``budget`` bytes (each) hold one copy's weights with no block
+    split between GPUs: the fewest contiguous parts whose largest fits (``balanced_ranges``).
+
+    A lower bound for Accelerate's own greedy map (``replica_device_map`` checks it)."""
+    if budget <= 0:
+        raise PlacementError(f"each GPU's memory is used up by the working memory alone "
+                             f"({-budget / GB:.2f} GB short): lower chunk, or bigger GPUs")
+    lo = max(1, math.ceil(sizes.whole / budget))
+    for g in range(lo, min(max_gpus, sizes.n_layers) + 1):
+        ranges = balanced_ranges(sizes, g)
+        if max(sizes.stage_bytes(a, b) for a, b in ranges) <= budget:
+            return g
+    raise PlacementError(f"one copy ({sizes.whole / GB:.3g} GB of weights) does not fit "
+                         f"{max_gpus} GPU(s) of {budget / GB:.3g} GB usable each: use "
+                         "placement 'stages'")
+
+
+def accelerate_device_map(skeleton, n_gpus: int, budget: int) -> dict | None:
+    """Accelerate's ``infer_auto_device_map`` for ``n_gpus`` GPUs of ``budget`` bytes each,
+    blocks never split; None when any part would be offloaded (cpu/disk).  Works on the
+    weightless ``meta`` skeleton, so it runs on a CPU-only driver."""
+    import logging
+
+    from accelerate import infer_auto_device_map
+
+    from coupling.blocks import find_blocks
+
+    _, blocks = find_blocks(skeleton)
+    log = logging.getLogger("accelerate.utils.modeling")
+    level = log.level
+    log.setLevel(logging.ERROR)        # "Device 1 is not available": true here, irrelevant
+    try:
+        dmap = infer_auto_device_map(skeleton, max_memory={i: int(budget) for i in range(n_gpus)},
+                                     no_split_module_classes=[type(blocks[0]).__name__])
+    finally:
+        log.setLevel(level)
+    return dict(dmap) if all(isinstance(v, int) for v in dmap.values()) else None
+
+
+def replica_device_map(skeleton, budget: int, first: int, max_gpus: int) -> tuple:
+    """``(GPUs, device map)`` of one replica: from ``first`` (``gpus_for_replica``) up, the
+    fewest GPUs Accelerate fills without offloading (it also keeps the largest layer's size
+    free on GPU 0, so it can need one more than the partition bound)."""
+    for g in range(first, max_gpus + 1):
+        dmap = accelerate_device_map(skeleton, g, budget)
+        if dmap is not None:
+            return g, dmap
+    raise PlacementError(f"Accelerate cannot fit one copy on {max_gpus} GPU(s) of "
+                         f"{budget / GB:.3g} GB usable each: use placement 'stages'")
+
+
+def device_map_summary(dmap: dict) -> dict:
+    """``{gpu: [module names]}`` in model order, for the plan."""
+    out: dict = {}
+    for name, gpu in dmap.items():
+        out.setdefault(gpu, []).append(name)
+    return out
+
+
+# ------------------------------------------------------------------------------------------
 # The decision
 # ------------------------------------------------------------------------------------------
 def plan_placement(sizes: ModelSizes, settings: ScanSettings, n_tokens: int, nodes: list,
@@ -268,14 +359,16 @@ def plan_placement(sizes: ModelSizes, settings: ScanSettings, n_tokens: int, nod
             placement == "auto" and stages is None and _fits_node(need, nodes, use_gpu,
                                                                   node_memory_gb)):
         return _replicas(sizes, need, nodes, use_gpu, node_memory_gb, replicas, n_shards,
-                         cpus_per_actor, gpus_per_actor, model_name)
+                         cpus_per_actor, gpus_per_actor, model_name,
+                         gpu_reserve(sizes, n_tokens, settings))
     return _stages(sizes, settings, n_tokens, devices, stages, cpus_per_actor, use_gpu,
                    model_name)
 
 
 def _devices(nodes, use_gpu, node_memory_gb, cpus_per_actor) -> list:
-    """One entry per slot a stage can take: ``(node_id, bytes)``; one per GPU, or one per
-    node (CPU clusters; several stages may share a node if its memory allows)."""
+    """One entry per slot a stage can take: ``(node, bytes, stages it can run)``; one per GPU
+    (one stage each), or one per node (CPU clusters: as many stages as its memory and its
+    CPUs allow)."""
     out = []
     for n in nodes:
         if use_gpu:
@@ -284,9 +377,10 @@ def _devices(nodes, use_gpu, node_memory_gb, cpus_per_actor) -> list:
                 raise PlacementError(f"cannot tell the GPU memory of node {n.node_id[:8]}: set "
                                      "gpu_memory_gb in the config, or give the node a "
                                      f"'{GPU_MEMORY_RESOURCE}' resource (cluster.yaml)")
-            out += [(n.node_id, mem)] * int(n.gpus)
+            out += [(n.name, mem, 1)] * int(n.gpus)
         elif n.cpus >= cpus_per_actor:
-            out.append((n.node_id, node_memory_gb * GB if node_memory_gb else n.memory))
+            out.append((n.name, node_memory_gb * GB if node_memory_gb else n.memory,
+                        int(n.cpus // cpus_per_actor)))
     return out
 
 
@@ -302,15 +396,17 @@ def _fits_node(need, nodes, use_gpu, node_memory_gb) -> bool:
 
 
 def _replicas(sizes, need, nodes, use_gpu, node_memory_gb, forced, n_shards, cpus, gpus_opt,
-              name) -> Placement:
-    per_node = []
-    gpus = 0
+              name, reserve=0) -> Placement:
+    gpus, budget = 0, 0
     if use_gpu:
         # GPUs per replica: enough on every node that can hold a copy at all (conservative
-        # when GPU sizes differ: a copy never lands on too little memory)
+        # when GPU sizes differ: a copy never lands on too little memory); blocks are never
+        # split between GPUs, and every GPU keeps ``reserve`` free for the working memory
         fit = [n for n in nodes if _node_capacity(n, True, node_memory_gb) >= need]
         per_gpu = lambda n: node_memory_gb * GB if node_memory_gb else n.gpu_memory  # noqa
-        gpus = gpus_opt or max((math.ceil(need / per_gpu(n)) for n in fit), default=1)
+        budget = int(min((per_gpu(n) for n in fit), default=0) - reserve)
+        most = int(max((n.gpus for n in fit), default=0))
+        gpus = gpus_opt or (gpus_for_replica(sizes, budget, most) if fit else 1)
         per_node = [int(n.gpus // gpus) if n in fit else 0 for n in nodes]
     else:
         cap = lambda n: node_memory_gb * GB if node_memory_gb else n.memory  # noqa: E731
@@ -325,11 +421,23 @@ def _replicas(sizes, need, nodes, use_gpu, node_memory_gb, forced, n_shards, cpu
         raise PlacementError(f"replicas={forced} asked, but the cluster holds at most {slots} "
                              f"replicas of {name} ({need / GB:.2f} GB, {cpus} CPU each)")
     why = f"{need / GB:.2f} GB per copy fits one node" if not forced else "forced by config"
-    return Placement("replicas", n, [], cpus, gpus, need if not use_gpu else 0, [need], why)
+    return Placement("replicas", n, [], cpus, gpus, need if not use_gpu else 0, [need], why,
+                     hosts=_group_hosts(nodes, per_node), gpu_budget=max(budget, 0))
+
+
+def _group_hosts(nodes, per_node) -> list:
+    """``[(node or node type, replicas it can hold, how many such nodes)]``; launchable nodes
+    of one type are one row."""
+    rows: dict = {}
+    for node, k in zip(nodes, per_node):
+        if k:
+            key = (node.name, k)
+            rows[key] = rows.get(key, 0) + 1
+    return [(label, k, count) for (label, k), count in rows.items()]
 
 
 def _stages(sizes, settings, n_tokens, devices, forced, cpus, use_gpu, name) -> Placement:
-    biggest = max(mem for _, mem in devices)
+    biggest = max(d[1] for d in devices)
     counts = [forced] if forced else range(1, sizes.n_layers + 1)
     for S in counts:
         ranges = balanced_ranges(sizes, S)
@@ -349,24 +457,82 @@ def _stages(sizes, settings, n_tokens, devices, forced, cpus, use_gpu, name) -> 
             f"{name} cannot be placed: even split into {sizes.n_layers} one-block stages its "
             f"smallest stage needs {one / GB:.3g} GB and the largest node/GPU offers "
             f"{biggest / GB:.3g} GB (node_memory_gb / gpu_memory_gb, or bigger nodes)")
-    if not _can_host(mems, devices, cpus, use_gpu):
+    hosts = _can_host(mems, devices, cpus, use_gpu)
+    if hosts is None:
         raise PlacementError(f"{name} needs {S} stages of up to {max(mems) / GB:.3g} GB but the "
                              f"cluster has {len(devices)} {'GPUs' if use_gpu else 'nodes'} "
                              "able to host them: add nodes")
     why = "forced by config" if forced else \
         f"{sizes.whole / GB:.3g} GB of weights need {S} stage(s)"
     return Placement("stages", S, ranges, cpus, 1 if use_gpu else 0,
-                     0 if use_gpu else max(mems), mems, why)
+                     0 if use_gpu else max(mems), mems, why, hosts=hosts)
 
 
-def _can_host(mems, devices, cpus, use_gpu) -> bool:
-    """Greedy first-fit of stage memories into devices (GPUs: one stage each)."""
-    free = sorted((mem for _, mem in devices), reverse=True)
-    for m in sorted(mems, reverse=True):
-        for i, f in enumerate(free):
-            if f >= m:
-                free[i] = -1 if use_gpu else f - m
+def _can_host(mems, devices, cpus, use_gpu) -> list | None:
+    """Greedy first-fit of stage memories into devices, largest stage first, each device
+    taking as many stages as its memory and its stage count allow; returns the node each
+    stage would land on, or None when they do not all fit."""
+    free = [[mem, slots, node] for node, mem, slots in sorted(devices, key=lambda d: -d[1])]
+    hosts = [None] * len(mems)
+    for s in sorted(range(len(mems)), key=lambda i: -mems[i]):
+        for slot in free:
+            if slot[1] > 0 and slot[0] >= mems[s]:
+                slot[0] -= mems[s]
+                slot[1] -= 1
+                hosts[s] = slot[2]
                 break
         else:
-            return False
-    return True
+            return None
+    return hosts
+
+
+# ------------------------------------------------------------------------------------------
+# The plan, as printed before any actor starts
+# ------------------------------------------------------------------------------------------
+def format_plan(key: str, p: Placement, sizes: ModelSizes) -> str:
+    """Lines saying where ``key`` runs: replicas or stages, on which nodes or node types,
+    the memory and resources of each actor (and each GPU's modules for GPU replicas)."""
+    res = f"{p.cpus:g} CPU" + (f" + {p.gpus:g} GPU" if p.gpus else "")
+    if p.kind == "replicas":
+        lines = [f"plan {key}: replicas x{p.n_actors}, {res} and {_size(p.stage_memory[0])} "
+                 f"each ({p.reason})"]
+        lines += [f"    {label}: room for {k} replica(s)" + (f", x{count} nodes" if count > 1
+                                                             else "")
+                  for label, k, count in p.hosts]
+        if p.device_map:
+            lines.append(f"    one copy over {p.gpus:g} GPU(s), {_size(p.gpu_budget)} of "
+                         "weights each at most (Accelerate device map):")
+            lines += [f"      GPU {gpu}: {_compact(names) or 'the whole model'}"
+                      for gpu, names in device_map_summary(p.device_map).items()]
+        return "\n".join(lines)
+    lines = [f"plan {key}: stages x{p.n_actors}, {res} each ({p.reason})"]
+    for i, ((lo, hi), mem) in enumerate(zip(p.ranges, p.stage_memory)):
+        ends = (" + embedding" if lo == 0 else "") + (" + head" if hi == sizes.n_layers else "")
+        host = f" -> {p.hosts[i]}" if i < len(p.hosts) and p.hosts[i] else ""
+        lines.append(f"    stage {i + 1}: blocks {lo + 1}-{hi}{ends}, weights "
+                     f"{_size(sizes.stage_bytes(lo, hi))}, {_size(mem)} in all{host}")
+    return "\n".join(lines)
+
+
+def _size(n: float) -> str:
+    return f"{n / GB:.2f} GB" if n >= 0.1 * GB else f"{n / 1024 ** 2:.2f} MB"
+
+
+def _compact(names: list) -> str:
+    """``model.layers.3, model.layers.4, model.layers.5`` -> ``model.layers.3-5``."""
+    out, run = [], None          # run: [prefix, first, last]
+    for name in names:
+        prefix, _, idx = name.rpartition(".")
+        if idx.isdigit() and run and run[0] == prefix and int(idx) == run[2] + 1:
+            run[2] = int(idx)
+            continue
+        if run:
+            out.append(f"{run[0]}.{run[1]}" + (f"-{run[2]}" if run[2] != run[1] else ""))
+            run = None
+        if idx.isdigit():
+            run = [prefix, int(idx), int(idx)]
+        else:
+            out.append(name)
+    if run:
+        out.append(f"{run[0]}.{run[1]}" + (f"-{run[2]}" if run[2] != run[1] else ""))
+    return ", ".join(out)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -30,7 +29,7 @@ MODEL_COLUMNS = ("model", "revision", "params", "layers", "d_model", "coupling_m
 
 def write_model_output(folder, job, info: dict, results, timings: dict, ray_info: dict) -> Path:
     """``OUT/<key>/`` via ``write_scan_output`` (atomic), manifest extended with ``ray``."""
-    manifest = build_manifest(job.scan, SimpleNamespace(info=info), timings)
+    manifest = build_manifest(job.scan, info, timings, results)
     manifest["ray"] = ray_info
     out = write_scan_output(folder, manifest, results, overwrite=True)
     if job.scan.figures:

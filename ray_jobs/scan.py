@@ -17,7 +17,9 @@ import argparse
 import json
 import os
 import socket
+import shutil
 import sys
+from pathlib import Path
 import time
 from collections import deque
 from urllib.parse import urlparse
@@ -68,7 +70,9 @@ def connect(address: str | None) -> bool:
     if ray.is_initialized():
         return False
     if address in (None, "", "local") and not (address is None and os.environ.get("RAY_ADDRESS")):
-        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+        # address="local": always a new cluster, never one a `ray start` left on this machine
+        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
+                 log_to_driver=False)
     else:
         ray.init(address=None if address in (None, "") else address, log_to_driver=False)
     return True
@@ -115,15 +119,23 @@ class Progress:
 # ------------------------------------------------------------------------------------------
 # The run
 # ------------------------------------------------------------------------------------------
-def run_scan(cfg: RayScanConfig, progress: bool = True) -> dict:
+def run_scan(cfg: RayScanConfig, progress: bool = True, dry_run: bool = False,
+             workers: dict | None = None) -> dict:
     """Run every job of ``cfg``; returns a report (per model: placement, shards computed /
-    skipped, actor info, timings) and writes ``OUT`` (see the module docstring)."""
+    skipped, actor info, timings) and writes ``OUT`` (see the module docstring).
+
+    ``workers``: actor classes by role, ``{"replica": ReplicaWorker, "stage": StageWorker}``
+    by default; a caller may pass subclasses (the tests' crashing workers do).
+
+    The placement plan of every model is printed (stdout) before any actor starts;
+    ``dry_run`` prints only the plan: no actor, nothing written."""
     from coupling.scan import package_versions
 
-    from .actors import FaultHooks
+    from coupling.store import ShardStore, plan_shards
+
+    from .actors import ReplicaWorker, StageWorker
     from .models import inspect_model
-    from .output import MARKER, Output
-    from .shards import SHARDS_DIR, ShardStore, plan_shards
+    from .output import MARKER, SHARDS_DIR, Output
 
     opts = cfg.options
     check_address(opts.address)
@@ -131,25 +143,36 @@ def run_scan(cfg: RayScanConfig, progress: bool = True) -> dict:
     facts = {job.key: inspect_model(job) for job in cfg.jobs}      # all validation first
     for job in cfg.jobs:
         _check_job(job, facts[job.key])
+    if dry_run:
+        return _dry_run(cfg, facts)
     output = Output(cfg.out, opts.staging_dir)
-    output.prepare(cfg.overwrite)
-    hooks = FaultHooks.from_env(str(output.local / SHARDS_DIR / ".crash-marker"))
-    started = connect(opts.address)
-    report = {"out": cfg.out, "local": str(output.local), "models": {}}
-    pool = ReplicaPool(opts, hooks)
+    workers = {"replica": ReplicaWorker, "stage": StageWorker, **(workers or {})}
     try:
-        _write_marker(output, MARKER, cfg, package_versions(), report)
+        output.prepare(cfg.overwrite)
+    except BaseException:
+        output.close()
+        raise
+    started = connect(opts.address)
+    report = {"out": cfg.out, "models": {}}
+    pool = ReplicaPool(opts, workers["replica"])
+    try:
+        _write_report(output, cfg, package_versions(), report)
         work = []
         for job in cfg.jobs:
             f = facts[job.key]
             shards = plan_shards(f.prompts, f.token_ids, opts.shard_size)
             store = ShardStore(output.local / SHARDS_DIR / job.key)
             store.check_plan(_plan(job, f, shards))
+            for name in ("plan.json", MARKER):       # a driver elsewhere resumes from the URI
+                output.push(f"{SHARDS_DIR}/{job.key}/{name}")
             store.clean_partial()
             done = store.done(shards)
             todo = [s for s in shards if s.index not in done]
             placement = _placement(job, f, todo, opts) if todo else None
             work.append((job, f, shards, store, done, todo, placement))
+        if progress:
+            for job, f, shards, store, done, todo, placement in work:
+                _print_plan(job, f, placement, len(shards) - len(todo))
         rows = []
         for job, f, shards, store, done, todo, placement in work:
             rep = {"shards_total": len(shards), "shards_skipped": len(done),
@@ -171,7 +194,8 @@ def run_scan(cfg: RayScanConfig, progress: bool = True) -> dict:
                     _run_replicas(job, f, placement, todo, opts, pool, on_shard, rep, prog)
                 else:
                     pool.close()
-                    _run_stages(job, f, placement, todo, opts, hooks, on_shard, rep, prog)
+                    _run_stages(job, f, placement, todo, opts, workers["stage"], on_shard,
+                                rep, prog)
                 rep["seconds"] = time.perf_counter() - t0
                 rep["prompts_per_s"] = prog.rate
             results = store.read_all(shards)
@@ -180,10 +204,12 @@ def run_scan(cfg: RayScanConfig, progress: bool = True) -> dict:
         write_models_table(output.local, rows)
         output.push("models.parquet")
         report["seconds"] = time.perf_counter() - t_start
-        _write_marker(output, MARKER, cfg, package_versions(), report)
+        report["table"] = rows
+        _write_report(output, cfg, package_versions(), report)
         return report
     finally:
         pool.close()
+        output.close()
         if started:
             import ray
             ray.shutdown()
@@ -202,7 +228,7 @@ def _check_job(job, f):
 
 def _plan(job, f, shards) -> dict:
     scan = {k: v for k, v in job.scan.to_dict().items()
-            if k not in ("out", "overwrite", "figures", "threads")}
+            if k not in ("out", "overwrite", "figures", "threads", "fail_fast")}
     return {"model": job.key, "scan": scan, "shards": [s.prompt_ids for s in shards]}
 
 
@@ -216,6 +242,8 @@ def _placement(job, f, todo, opts):
                        n_shards=len(todo), cpus_per_actor=opts.cpus_per_actor,
                        gpus_per_actor=opts.gpus_per_actor,
                        node_memory_gb=opts.node_memory_gb, model_name=job.source)
+    if p.kind == "replicas" and p.gpus:
+        p = _with_device_map(job, f, todo, opts, nodes, p)
     s = job.scan.settings
     if p.kind == "stages":
         if job.scan.random_init:
@@ -228,6 +256,58 @@ def _placement(job, f, todo, opts):
                                  f"stages {p.ranges}: set token_layers inside one stage, drop "
                                  "'tokens' from measures, or use placement 'replicas'")
     return p
+
+
+def _with_device_map(job, f, todo, opts, nodes, p):
+    """GPU replicas: Accelerate's map of one copy over its GPUs (on the weightless skeleton),
+    with the GPUs it really needs -- its greedy fill can need one more than the planner's
+    block partition; then the plan is redone with that many GPUs per replica."""
+    from .placement import plan_placement, replica_device_map
+    from .weights import build_skeleton
+
+    skeleton = build_skeleton(f.config, job.scan.dtype, job.scan.trust_remote_code)
+    most = int(max((n.gpus for n in nodes), default=0))
+    g, dmap = replica_device_map(skeleton, p.gpu_budget, int(p.gpus), max(most, int(p.gpus)))
+    if g != p.gpus:
+        p = plan_placement(f.sizes, job.scan.settings, f.max_tokens, nodes,
+                           placement=job.placement, replicas=job.replicas,
+                           n_shards=len(todo), cpus_per_actor=opts.cpus_per_actor,
+                           gpus_per_actor=g, node_memory_gb=opts.node_memory_gb,
+                           model_name=job.source)
+    p.device_map = dmap
+    return p
+
+
+def _print_plan(job, f, placement, n_done: int):
+    from .placement import format_plan
+
+    if placement is None:
+        print(f"plan {job.key}: nothing to do ({n_done} shard(s) already finished)", flush=True)
+    else:
+        print(format_plan(job.key, placement, f.sizes), flush=True)
+
+
+def _dry_run(cfg, facts) -> dict:
+    """Connect, plan every model for all its shards, print the plans; start no actor and
+    write nothing (a resumed run would only plan its unfinished shards)."""
+    from coupling.store import plan_shards
+
+    opts = cfg.options
+    started = connect(opts.address)
+    report = {"out": cfg.out, "dry_run": True, "models": {}}
+    try:
+        for job in cfg.jobs:
+            f = facts[job.key]
+            shards = plan_shards(f.prompts, f.token_ids, opts.shard_size)
+            placement = _placement(job, f, shards, opts)
+            _print_plan(job, f, placement, 0)
+            report["models"][job.key] = {"shards_total": len(shards),
+                                         "placement": placement.to_dict()}
+    finally:
+        if started:
+            import ray
+            ray.shutdown()
+    return report
 
 
 def _threads(job, f, opts) -> int:
@@ -284,27 +364,24 @@ class ReplicaPool:
     names its model and a worker (re)loads when it changes (also after a restart).
     """
 
-    def __init__(self, opts, hooks):
-        self.opts, self.hooks = opts, hooks
+    def __init__(self, opts, worker_cls):
+        self.opts, self.worker_cls = opts, worker_cls
         self.actors, self.shape = [], None
 
     def get(self, placement, threads: int) -> list:
         import ray
-
-        from .actors import ReplicaWorker
 
         shape = (placement.cpus, placement.gpus, threads)
         if self.actors and (self.shape[:3] != shape or placement.memory > self.shape[3]):
             self.close()
         if not self.actors:
             self.shape = shape + (placement.memory,)
-        Worker = ray.remote(ReplicaWorker)
+        Worker = ray.remote(self.worker_cls)
         opts = _actor_options(placement, self.opts)
         if self.shape[3]:
             opts["memory"] = int(self.shape[3])
         while len(self.actors) < placement.n_actors:
-            self.actors.append(Worker.options(**opts).remote(threads, placement.gpus > 0,
-                                                             self.hooks))
+            self.actors.append(Worker.options(**opts).remote(threads, placement.gpus > 0))
         for extra in self.actors[placement.n_actors:]:
             ray.kill(extra)
         del self.actors[placement.n_actors:]
@@ -382,13 +459,11 @@ def _run_replicas(job, f, placement, todo, opts, pool, on_shard, rep, prog):
 # ------------------------------------------------------------------------------------------
 # Stages: a pipeline of block-range actors
 # ------------------------------------------------------------------------------------------
-def _run_stages(job, f, placement, todo, opts, hooks, on_shard, rep, prog):
+def _run_stages(job, f, placement, todo, opts, worker_cls, on_shard, rep, prog):
     import ray
     import torch
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-    from .actors import StageWorker
 
     sc, S = job.scan, placement.n_actors
     bundle = {"CPU": placement.cpus}
@@ -397,7 +472,7 @@ def _run_stages(job, f, placement, todo, opts, hooks, on_shard, rep, prog):
     if placement.memory:
         bundle["memory"] = int(placement.memory)
     pg = placement_group([dict(bundle) for _ in range(S)], strategy="PACK")
-    Worker = ray.remote(StageWorker)
+    Worker = ray.remote(worker_cls)
     actors = []
     try:
         try:
@@ -411,7 +486,7 @@ def _run_stages(job, f, placement, todo, opts, hooks, on_shard, rep, prog):
             actors.append(Worker.options(**_actor_options(placement, opts),
                                          scheduling_strategy=strategy).remote(
                 job.source, sc.revision, f.config, lo, hi, sc.dtype, sc.settings, sc.block_path,
-                sc.trust_remote_code, _threads(job, f, opts), placement.gpus > 0, hooks))
+                sc.trust_remote_code, _threads(job, f, opts), placement.gpus > 0))
         rep["actors"] = _wait_ready(actors, opts.placement_timeout_s,
                                     f"{S} stage(s) of {job.source}")
         prog.start()
@@ -507,14 +582,16 @@ def _reduce(job, f, results, output, rep) -> dict:
     return model_row(job, f.info, pd.read_parquet(folder / "summary.parquet"))
 
 
-def _write_marker(output, name, cfg, versions, report):
-    from .shards import _atomic_write
+def _write_report(output, cfg, versions, report):
+    from coupling.owned import atomic_write
+
+    from .output import REPORT
 
     data = {"format": "coupling-ray-scan/1", "out": cfg.out, "config": cfg.raw,
             "models": [j.key for j in cfg.jobs], "versions": versions, "report": report,
             "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    _atomic_write(output.local / name, json.dumps(data, indent=2, default=str).encode())
-    output.push(name)
+    atomic_write(output.local / REPORT, json.dumps(data, indent=2, default=str).encode())
+    output.push(REPORT)
 
 
 # ------------------------------------------------------------------------------------------
@@ -532,11 +609,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, dest="shard_size")
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="delete a previous run in --out instead of resuming it")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--quiet", action="store_true", help="no plan and no progress lines")
+    p.add_argument("--dry-run", action="store_true", dest="dry_run",
+                   help="print the placement plan only: no actor starts, nothing is written")
     return p
 
 
-def main(argv=None) -> int:
+def main(argv=None, workers: dict | None = None) -> int:
+    """The module CLI; ``workers``: actor classes for :func:`run_scan` (default ones)."""
     args = build_parser().parse_args(argv)
     try:
         from coupling.scan import load_config_file
@@ -545,7 +625,7 @@ def main(argv=None) -> int:
         overrides = {k: getattr(args, k) for k in ("placement", "stages", "replicas",
                                                     "shard_size", "overwrite")}
         cfg = parse_config(data, out=args.out, address=args.address, overrides=overrides)
-        report = run_scan(cfg, progress=not args.quiet)
+        report = run_scan(cfg, progress=not args.quiet, dry_run=args.dry_run, workers=workers)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; finished shards are kept, rerun to resume", file=sys.stderr)
         return 130
@@ -554,26 +634,59 @@ def main(argv=None) -> int:
             raise
         print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    print_report(report)
+    if not report.get("dry_run"):
+        print_report(report)
     return 0
 
 
-def run_from_cli(config_dict: dict, address: str | None = None) -> int:
-    """``coupling scan --ray [ADDRESS]``: the local scan's flat config, run on Ray.
+def run_from_cli(config_dict: dict, address: str | None = None, dry_run: bool = False) -> int:
+    """``coupling scan --ray [ADDRESS] [--dry-run]``: the local scan's flat config, run on Ray.
+
+    One model and a local ``--out``: ``OUT`` gets exactly the local scan's layout.  The
+    distributed scan's own root (shards for resuming, report) lives beside it in
+    ``OUT.ray/`` while it runs, as the local scan's ``OUT.partial/`` does, and is removed once
+    ``OUT`` is in place; rerunning the same command after a crash resumes from it.  Several
+    models or a URI: the distributed layout (``OUT/<model-key>/``, ``models.parquet``).
 
     Errors propagate as ValueError/RuntimeError; the ``coupling`` CLI prints them in one line.
     """
-    cfg = parse_config(dict(config_dict), address=address)
-    report = run_scan(cfg)
+    data = dict(config_dict)
+    final = data.get("out")
+    flat = bool(final) and "://" not in str(final) and "models" not in data
+    if flat:
+        from coupling.results import check_output_dir
+
+        check_output_dir(final, bool(data.get("overwrite")))   # before any work
+        data["out"] = str(final).rstrip("/") + ".ray"
+        data["overwrite"] = False     # --overwrite is about OUT; the work folder resumes
+    cfg = parse_config(data, address=address)
+    flat = flat and len(cfg.jobs) == 1
+    report = run_scan(cfg, dry_run=dry_run)
+    if report.get("dry_run"):
+        return 0
+    if flat:
+        report["out"] = str(_move_single_result(cfg, Path(final)))
     print_report(report)
     return 0
+
+
+def _move_single_result(cfg, final: Path) -> Path:
+    """``OUT.ray/<key>/`` -> ``OUT`` (atomic, replacing only a scan output), then the work
+    folder's own files removed."""
+    from coupling.owned import LocalTree, remove_owned, replace_dir
+
+    work = Path(cfg.out)
+    replace_dir(work / cfg.jobs[0].key, final)
+    left = remove_owned(LocalTree(work), kinds=("ray",), strict=False)
+    if not left and work.exists():
+        shutil.rmtree(work, ignore_errors=True)    # only empty folders are left
+    return final
 
 
 def print_report(report: dict):
     import pandas as pd
 
-    out = report["local"]
-    table = pd.read_parquet(os.path.join(out, "models.parquet"))
+    table = pd.DataFrame(report["table"])
     for key, rep in report["models"].items():
         p = rep.get("placement") or {}
         how = f"{p.get('kind')} x{p.get('n_actors')}" if p else "all shards already done"

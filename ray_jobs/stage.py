@@ -35,11 +35,11 @@ import torch
 from torch import nn
 
 from coupling.analysis import (PromptResult, ScanSettings, analyze_prompt, coupling_rows,
-                               layer_jacobians, layer_svds, norm_kind)
+                               layer_jacobians, layer_svds, norm_kind, record_spectra,
+                               spectral_flags)
 from coupling.blocks import BlockCall, CallRecorder, find_blocks, find_final_norm
-from coupling.coupling_metrics import mean_off_diagonal
+from coupling.coupling_metrics import mean_off_diagonal, nan_off_diagonal
 from coupling.loading import LoadedModel
-from coupling.svd import SVDResult
 from coupling.trajectory import ForwardRecord
 
 from .weights import (build_skeleton, locate_weights, materialize, materialized_numel,
@@ -214,31 +214,36 @@ class StageModel:
         return ForwardRecord(trajectory, calls, self.layout.block_path, fwd.raw_last)
 
     # -- step 2: Jacobians and SVDs ------------------------------------------------------
-    def jacobians(self, fwd: StageForward, settings: ScanSettings) -> dict:
+    def jacobians(self, fwd: StageForward, settings: ScanSettings,
+                  functions: dict | None = None) -> dict:
         """``{t: {l: J^l_{tt}}}`` of the owned layers: dense on the exact path, else
         matrix-free operators (cheap to build: one block call per layer captures the prefix
-        keys/values of the one-token function)."""
+        keys/values of the one-token function).  ``functions`` is filled with
+        ``{l: [kind, reason]}`` (see ``coupling.analysis.layer_jacobians``)."""
         rec = self.record(fwd)
         kind = norm_kind(self.model)
         blocks = {}   # one FastBlock per layer, shared by every traced token
-        return {t: layer_jacobians(rec, self.layers, t, settings, self.model, kind, blocks)
+        return {t: layer_jacobians(rec, self.layers, t, settings, self.model, kind, blocks,
+                                   functions)
                 for t in traced_tokens(rec.n_tokens, settings)}
 
     def decompose(self, fwd: StageForward, settings: ScanSettings) -> tuple:
         """Top-K factors (shipped) of the owned layers per traced token, and what to keep.
 
-        Returns ``(kept, factors)``: ``kept`` is ``{t: {l: J}}`` when the Jacobians are dense
-        (costly to rebuild) and None for operators, which ``couple`` rebuilds rather than
+        Returns ``(kept, factors)``: ``kept["J"]`` is ``{t: {l: J}}`` when the Jacobians are
+        dense (costly to rebuild) and None for operators, which ``couple`` rebuilds rather than
         keeping their VJP residuals alive while the prompt waits in the pipeline;
-        ``factors`` is ``{t: {l: (U, S, V)}}``.
+        ``kept["functions"]`` says which function each was taken of; ``factors`` is
+        ``{t: {l: SVDResult}}`` on the CPU (``U, S, V``, ``s_{K+1}``, any ARPACK fall-back).
         """
-        jacobians = self.jacobians(fwd, settings)
+        functions = {}
+        jacobians = self.jacobians(fwd, settings, functions)
         factors, dense = {}, True
         for t, jac in jacobians.items():
             svds = layer_svds(jac, settings)
-            factors[t] = {l: tuple(x.detach().cpu() for x in s.as_tuple()) for l, s in svds.items()}
+            factors[t] = {l: s.to("cpu") for l, s in svds.items()}
             dense = dense and all(isinstance(J, torch.Tensor) for J in jac.values())
-        return (jacobians if dense else None), factors
+        return {"J": jacobians if dense else None, "functions": functions}, factors
 
     # -- step 3: coupling rows (+ regularity on the last stage) --------------------------
     def couple(self, fwd: StageForward, kept: dict | None, all_factors: list,
@@ -246,22 +251,24 @@ class StageModel:
         """This stage's rows of the normalized and raw grids, averaged over traced tokens.
 
         ``kept``: ``decompose``'s first output; ``all_factors``: every stage's factors.
-        Returns ``{"normalized": (hi-lo, L), "raw": (hi-lo, L), "spectra": {l: (K,)}}``, the
-        spectra of the owned layers at the last token (what the scan reports).
+        Returns ``{"normalized": (hi-lo, L), "raw": (hi-lo, L), "spectra": {l: SVDResult}}``,
+        the spectra of the owned layers at the last token (what the scan reports), and
+        ``"flags"``: their ``coupling.analysis.spectral_flags`` per traced token.
         """
-        jacobians = kept if kept is not None else self.jacobians(fwd, settings)
-        norm_rows, raw_rows = [], []
+        kept = kept or {"J": None, "functions": {}}
+        jacobians = kept["J"] if kept["J"] is not None else self.jacobians(fwd, settings)
+        norm_rows, raw_rows, flags = [], [], []
         for t, jac in jacobians.items():
-            svds = {l: SVDResult(*(x.to(self.device) for x in f))
-                    for part in all_factors for l, f in part[t].items()}
+            svds = {l: f.to(self.device) for part in all_factors for l, f in part[t].items()}
             grid = coupling_rows(jac, svds, self.n_layers, settings.k)
             norm_rows.append(grid["normalized"])
             raw_rows.append(grid["raw"])
+            flags.append(spectral_flags({l: svds[l] for l in self.layers}))
         last = max(jacobians)                       # the last token, whichever are traced
-        spectra = {l: f[1].cpu() for part in all_factors for l, f in part[last].items()
+        spectra = {l: f for part in all_factors for l, f in part[last].items()
                    if l in self.layers}
         return {"normalized": np.mean(norm_rows, axis=0), "raw": np.mean(raw_rows, axis=0),
-                "spectra": spectra}
+                "spectra": spectra, "flags": flags, "functions": kept["functions"]}
 
     def regularity(self, fwd: StageForward, trajectory: torch.Tensor, settings: ScanSettings,
                    prompt_id: str, meta: dict) -> PromptResult:
@@ -308,10 +315,15 @@ def assemble(prompt_id: str, n_tokens: int, meta: dict, rows: list,
     if "depth" in settings.measures:
         res.depth_normalized = np.concatenate([r["normalized"] for r in rows], axis=0)
         res.depth_raw = np.concatenate([r["raw"] for r in rows], axis=0)
-        spectra = {l: s for r in rows for l, s in r["spectra"].items()}
-        res.singular_values = np.stack([spectra[l].double().numpy() for l in sorted(spectra)])
         res.summary["depth_mis_coupling_mean"] = float(mean_off_diagonal(res.depth_normalized))
         res.summary["depth_mis_coupling_raw_mean"] = float(mean_off_diagonal(res.depth_raw))
+        res.summary["depth_nan_entries"] = nan_off_diagonal(res.depth_normalized, res.depth_raw)
+        spectra = {l: s for r in rows for l, s in r["spectra"].items()}
+        flags = [{l: f for r in rows for l, f in r["flags"][i].items()}
+                 for i in range(len(rows[0]["flags"]))]          # per traced token
+        record_spectra(res, spectra, flags)
+        res.jacobian_functions["depth"] = {l: f for r in rows
+                                           for l, f in r.get("functions", {}).items()}
     if tokens is not None:
         res.tokens = tokens.tokens
         res.meta["token_layers"] = tokens.meta["token_layers"]

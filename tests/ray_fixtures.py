@@ -7,8 +7,11 @@ the copy that started Ray shuts it down at the end of the session.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import socket
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +44,8 @@ def ray_address():
     started = False
     if "ray" not in _memo:
         if not ray.is_initialized():
-            ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
+            ray.init(address="local", num_cpus=4, include_dashboard=False,
+                     _node_ip_address="127.0.0.1",
                      log_to_driver=False)
             started = True
         _memo["ray"] = ray.get_runtime_context().gcs_address
@@ -87,8 +91,22 @@ def ray_config(model_dir, **extra) -> dict:
     return {"models": [{"path": str(model_dir)}], **SCAN_KEYS, **extra}
 
 
+def venv_bin(name: str) -> str:
+    """``name`` from the running interpreter's own bin directory (an unactivated venv has it
+    only there, not on PATH)."""
+    path = Path(sys.executable).parent / name
+    if not path.exists():
+        raise FileNotFoundError(f"{name} is not installed beside {sys.executable}")
+    return str(path)
+
+
 def subprocess_env(**extra) -> dict:
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    """The tests' environment for child processes: loopback Ray, offline hubs, and the running
+    interpreter's bin directory first on PATH, so ``python``/``ray`` in children (a Ray job's
+    entrypoint included) are this environment's, activated or not."""
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")]),
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
            "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
@@ -129,5 +147,188 @@ def assert_models_row(table, ref):
 
 
 __all__ = ["ray_address", "tiny_tokenizer", "ray_model_dir", "local_reference", "SCAN_KEYS",
-           "free_port", "ray_config", "subprocess_env", "assert_same_as_local",
-           "assert_models_row"]
+           "free_port", "ray_config", "subprocess_env", "venv_bin", "assert_same_as_local",
+           "assert_models_row", "cluster_pids", "kill_pids", "LoopbackCluster",
+           "loopback_cluster", "head_process"]
+
+
+# ------------------------------------------------------------------------------------------
+# Several Ray nodes on one machine (ray.cluster_utils.Cluster), all on 127.0.0.1
+# ------------------------------------------------------------------------------------------
+def cluster_pids(tag: str) -> list:
+    """Processes whose command line names ``tag`` (a cluster's own temp dir): its raylets,
+    GCS, workers -- all started by the test that owns the temp dir."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if tag in (entry / "cmdline").read_bytes().decode(errors="ignore"):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def kill_pids(pids):
+    import signal
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+class LoopbackCluster:
+    """A head and named worker nodes (``ray.cluster_utils.Cluster``), each a raylet of its
+    own with the resources given; every node also carries a custom resource of its name
+    (``{"node_a": 1}``) so tests can tell them apart.  The head has no CPUs: drivers attach
+    to it, actors never land on it.  Nothing connects this process to the cluster: drivers
+    run as subprocesses (``address``)."""
+
+    def __init__(self, temp_dir: str):
+        from ray.cluster_utils import Cluster
+
+        self.temp_dir = temp_dir
+        self.cluster = Cluster(initialize_head=True, connect=False, head_node_args=dict(
+            num_cpus=0, node_ip_address="127.0.0.1", include_dashboard=False,
+            gcs_server_port=free_port(), temp_dir=temp_dir, resources={"head": 1},
+            # a killed raylet is declared dead after ~2 s, not the default ~15 s
+            _system_config={"health_check_period_ms": 500, "health_check_failure_threshold": 4}))
+        self.nodes: dict = {}      # name -> ray._private.node.Node
+
+    @property
+    def address(self) -> str:
+        return self.cluster.address
+
+    def add(self, name: str, cpus: float = 1, memory_gb: float = 2.0, gpus: float = 0,
+            **resources):
+        node = self.cluster.add_node(num_cpus=cpus, num_gpus=gpus,
+                                     memory=int(memory_gb * 1024 ** 3),
+                                     node_ip_address="127.0.0.1",
+                                     resources={name: 1, **resources})
+        self.nodes[name] = node
+        return node
+
+    def remove(self, name: str, graceful: bool = False):
+        self.cluster.remove_node(self.nodes.pop(name), allow_graceful=graceful)
+
+    def node_names(self) -> dict:
+        """``{node id: name}`` of the nodes added (and not removed)."""
+        return {node.node_id: name for name, node in self.nodes.items()}
+
+    def alive_node_ids(self) -> set:
+        return {n["NodeID"] for n in self.cluster.global_state.node_table() if n["Alive"]}
+
+    def actors(self) -> list:
+        """``(class name, state, node id)`` of every actor the GCS knows."""
+        table = self.cluster.global_state.actor_table(None)
+        return [(a.get("ActorClassName", ""), a.get("State"), a.get("Address", {}).get("NodeID"))
+                for a in table.values()]
+
+    def shutdown(self):
+        try:
+            self.cluster.shutdown()
+        finally:
+            kill_pids(cluster_pids(self.temp_dir))
+
+
+@contextmanager
+def loopback_cluster():
+    import shutil
+    import tempfile
+
+    from ray_jobs.scan import ray_env
+
+    ray_env()
+    temp = tempfile.mkdtemp(prefix="rm", dir="/tmp")      # short: Ray's socket paths are long
+    c = None
+    try:
+        c = LoopbackCluster(temp)
+        yield c
+    finally:
+        if c is not None:
+            c.shutdown()
+        kill_pids(cluster_pids(temp))
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------
+# A head started with `ray start --head --block` (the job API, the autoscaler), on loopback
+# ------------------------------------------------------------------------------------------
+HEAD_PORT_FLAGS = ("dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                   "metrics-export-port", "ray-client-server-port", "runtime-env-agent-port",
+                   "node-manager-port", "object-manager-port")
+
+
+def _start_head(temp: str, log, num_cpus: int, args, env: dict, prepare):
+    """``(process, dashboard url, gcs address)``; url None if ``ray start`` exited first (a
+    port was taken between ``free_port()`` and Ray's bind)."""
+    import subprocess
+    import time
+    import urllib.request
+
+    gcs_port = free_port()
+    prepare(gcs_port)
+    ports = {flag: free_port() for flag in HEAD_PORT_FLAGS}
+    cmd = [venv_bin("ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+           f"--port={gcs_port}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
+           f"--num-cpus={num_cpus}", "--disable-usage-stats", f"--temp-dir={temp}", *args]
+    cmd += [f"--{k}={v}" for k, v in ports.items()]
+    proc = subprocess.Popen(cmd, env=subprocess_env(**env), stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{ports['dashboard-port']}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/api/version", timeout=2).read()
+            return proc, url, f"127.0.0.1:{gcs_port}"
+        except OSError:
+            if proc.poll() is not None:
+                return proc, None, None
+            assert time.time() < deadline, "the Ray head did not come up in 120 s"
+            time.sleep(0.5)
+
+
+def _stop_head(proc, temp: str):
+    import signal
+    import subprocess
+    import time
+
+    proc.send_signal(signal.SIGTERM)              # `ray start --block` stops its children
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    kill_pids(cluster_pids(temp))                 # workers and fake nodes use its temp dir
+    time.sleep(1)
+
+
+@contextlib.contextmanager
+def head_process(prefix: str, num_cpus: int = 2, args=(), env: dict | None = None,
+                 prepare=lambda gcs_port, temp: None):
+    """A ``ray start --head`` process of its own (free ports, its own short ``--temp-dir``,
+    tried up to 3 times); yields ``(dashboard url, gcs address, temp dir)`` and afterwards
+    stops every process of that head, asserting none survived."""
+    import shutil
+    import tempfile
+
+    temp = tempfile.mkdtemp(prefix=prefix, dir="/tmp")   # short: Ray's socket paths are long
+    log = open(Path(temp) / "start.log", "w")
+    proc = url = None
+    try:
+        for _ in range(3):
+            if proc is not None:
+                _stop_head(proc, temp)
+            proc, url, gcs = _start_head(temp, log, num_cpus, args, env or {},
+                                         lambda port: prepare(port, temp))
+            if url:
+                break
+        assert url, (Path(temp) / "start.log").read_text()[-2000:]
+        yield url, gcs, temp
+    finally:
+        if proc is not None:
+            _stop_head(proc, temp)
+        log.close()
+        assert not cluster_pids(temp), "Ray processes of the test head survived"
+        shutil.rmtree(temp, ignore_errors=True)

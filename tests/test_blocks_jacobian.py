@@ -1,22 +1,31 @@
 """Block isolation and block Jacobians on every supported family (small random configs)."""
+import os
+
 import pytest
 import torch
 
 from coupling.blocks import BlockNotFoundError, find_blocks, residual_branch
 from coupling.jacobian import BlockJacobian, NonFiniteJacobianError, exact_jacobian, exact_jacobians
-from coupling.loading import LoadedModel
+from coupling.loading import LoadedModel, parse_dtype
 from coupling.trajectory import run_forward, trajectories
 from coupling.zoo import CAUSAL, FAMILIES, build_random, random_inputs, small_config
 
 
+# Opt-in device and weight dtype (scripts/gpu_check.py runs this file on a GPU):
+# COUPLING_TEST_DEVICE=cuda puts the models and products there; COUPLING_TEST_DTYPE=bfloat16
+# builds the per-family models of the `record` fixture in bf16 (Jacobians stay float32).
+DEVICE = torch.device(os.environ.get("COUPLING_TEST_DEVICE", "cpu"))
+DTYPE = parse_dtype(os.environ.get("COUPLING_TEST_DTYPE", "float32"))
+
+
 def _loaded(family, dtype=torch.float32):
     cfg = small_config(family)
-    return LoadedModel(build_random(cfg, dtype=dtype), None, cfg, {"n_layers": 2})
+    return LoadedModel(build_random(cfg, dtype=dtype).to(DEVICE), None, cfg, {"n_layers": 2})
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def record(request):
-    lm = _loaded(request.param)
+    lm = _loaded(request.param, DTYPE)
     return request.param, lm, run_forward(lm, random_inputs(request.param))
 
 
@@ -32,7 +41,7 @@ def test_jacobian_matches_autograd_reference(record):
     family, lm, rec = record
     call = rec.calls[-1]
     f = residual_branch(call)
-    X = call.input
+    X = call.input.float()        # no-op in float32; bf16 models are differentiated in float32
     n = X.shape[1]
     full = torch.autograd.functional.jacobian(f, X)[0, :, :, 0, :, :]  # (n, d, n, d)
     t2 = n - 1
@@ -40,7 +49,7 @@ def test_jacobian_matches_autograd_reference(record):
     for t1 in range(n):
         torch.testing.assert_close(dense[t1], full[t2, :, t1, :], atol=1e-6, rtol=1e-5)
     op = BlockJacobian(f, X, 1, t2)
-    M = torch.randn(X.shape[-1], 5, generator=torch.Generator().manual_seed(0))
+    M = torch.randn(X.shape[-1], 5, generator=torch.Generator().manual_seed(0)).to(DEVICE)
     torch.testing.assert_close(op @ M, full[t2, :, 1, :] @ M, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(op.T @ M, full[t2, :, 1, :].T @ M, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(op.to_dense(), dense[1], atol=1e-6, rtol=1e-5)

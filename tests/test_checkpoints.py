@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from coupling.checkpoints import (add_checkpoints_parser, parse_spec, parse_step, resolve_path,
+from coupling.cli import add_checkpoints_parser
+from coupling.checkpoints import (parse_spec, parse_step, resolve_path,
                                   scan_checkpoints)
 from coupling.loading import TINY_MODEL_DIR
 from coupling.results import read_scan_output
@@ -161,14 +162,15 @@ def test_rerun_keeps_finished_steps_and_refuses_other_settings(series):
         scan_checkpoints(other, out, progress=False, **SCAN)
 
 
-def test_revisions_of_a_local_folder_give_equal_scans(run_dir, tmp_path):
-    """The hub-revision code path (a local folder ignores the revision): same weights."""
-    spec = {"model": str(run_dir / "checkpoints" / "step-8"), "revisions": ["step1", "step3"]}
-    table = scan_checkpoints(spec, tmp_path / "rev", progress=False, training_figures=False,
-                             **SCAN)
-    assert list(table.step) == [1, 3]
-    assert table.mis_coupling.iloc[0] == table.mis_coupling.iloc[1]
-    assert read_scan_output(tmp_path / "rev" / "step-3").manifest["config"]["revision"] == "step3"
+def test_revisions_of_a_local_folder_are_refused(run_dir, tmp_path):
+    """A folder has no revisions (transformers would load it as it is): a clear error before
+    anything is scanned, not two "revisions" of the same weights."""
+    folder = run_dir / "checkpoints" / "step-8"
+    spec = {"model": str(folder), "revisions": ["step1", "step3"]}
+    with pytest.raises(ValueError, match=f"revision 'step1' was given with the local folder "
+                                         f"{folder}, which has no revisions"):
+        scan_checkpoints(spec, tmp_path / "rev", progress=False, training_figures=False, **SCAN)
+    assert not list((tmp_path / "rev").glob("step-*/manifest.json"))
 
 
 def test_unreachable_hub_revision_is_a_clear_error(tmp_path):

@@ -9,8 +9,9 @@ import pandas as pd
 import pytest
 from scipy import stats
 
+from coupling.cli import add_correlate_parser
 from coupling.correlate import (
-    HYPERPARAMS, PAPER_TABLE, add_correlate_parser, apply_subset, exponential_fit,
+    HYPERPARAMS, PAPER_TABLE, apply_subset, exponential_fit,
     hyperparameter_correlations, join_scores, linear_fit, load_results, load_scores,
     run_correlate,
 )

@@ -8,7 +8,7 @@ import torch
 from coupling.coupling_metrics import (
     context_coupling_fixed_input, context_coupling_fixed_output, coupling_matrix,
     coupling_matrix_factored, depth_coupling, depth_coupling_factored, mean_off_diagonal,
-    mis_coupling, pairwise_coupling, token_self_coupling,
+    mis_coupling, nan_off_diagonal, pairwise_coupling, token_grid_pairs, token_self_coupling,
 )
 from coupling.linop import LinearOperator
 
@@ -278,3 +278,49 @@ def test_mean_off_diagonal_ignores_diagonal_and_nan():
     assert mean_off_diagonal(M) == pytest.approx((1 + 3 + 5 + 7 + 9) / 5)
     assert np.isnan(mean_off_diagonal(np.full((2, 2), np.nan)))
     np.testing.assert_allclose(mean_off_diagonal(np.stack([M, 2 * M])), [5.0, 10.0])
+
+
+def test_nan_off_diagonal_counts_what_the_mean_leaves_out():
+    M = np.array([[np.nan, 1.0, np.nan], [3.0, 0.0, 5.0], [7.0, np.inf, 100.0]])
+    R = np.array([[0.0, 1.0, 2.0], [np.nan, 0.0, 5.0], [7.0, 9.0, 100.0]])
+    assert nan_off_diagonal(M) == 2                 # (0, 2), (2, 1); the diagonal is not counted
+    assert nan_off_diagonal(M, R) == 3              # plus (1, 0) of the second grid
+    assert nan_off_diagonal(np.zeros((4, 4))) == 0
+    with pytest.raises(ValueError, match="square"):
+        nan_off_diagonal(np.zeros((2, 3)))
+
+
+def test_token_grid_pairs_are_what_the_grids_read():
+    n = 5
+    causal = token_grid_pairs(n)
+    assert len(causal) == 3 * n - 3 and all(t1 <= t2 for t1, t2 in causal)
+    assert {(t, t) for t in range(n)} | {(0, t) for t in range(n)} | \
+        {(t, n - 1) for t in range(n)} == causal
+    assert (3, 1) in token_grid_pairs(n, 3, 1, causal=False)
+    assert (3, 1) not in token_grid_pairs(n, 3, 1)        # t1 > t2: zero in a causal block
+
+
+def test_a_block_that_does_nothing_gives_counted_nan_entries():
+    """A GPT-2 block with its output projections zeroed: f^2 = 0, so J^2 = 0 and its row of
+    the normalized grid is 0/0 (nan) against every other layer.  The per-prompt mean is over
+    the remaining pairs and the summary says how many were left out; J^2's top-K subspace is
+    arbitrary (all its singular values are 0) and flagged as such."""
+    from coupling.analysis import ScanSettings, analyze_prompt
+    from coupling.loading import LoadedModel
+    from coupling.zoo import build_random, random_inputs, small_config
+    L = 4
+    cfg = small_config("gpt2", n_layers=L, d=32)
+    model = build_random(cfg, seed=3)
+    block = model.transformer.h[1]
+    for proj in (block.attn.c_proj, block.mlp.c_proj):
+        proj.weight.zero_()
+        proj.bias.zero_()
+    lm = LoadedModel(model, None, cfg, {"n_layers": L})
+    ids = random_inputs("gpt2", n_tokens=6)["input_ids"]
+    res = analyze_prompt(lm, ids, ScanSettings(k=3, measures=("depth",)))
+    grid = res.depth_normalized
+    off = ~np.eye(L, dtype=bool)
+    assert np.isnan(grid[1][off[1]]).all() and np.isfinite(np.delete(grid, 1, 0)).all()
+    assert res.summary["depth_nan_entries"] == L - 1
+    assert res.summary["depth_mis_coupling_mean"] == pytest.approx(np.nanmean(grid[off]))
+    assert list(res.spectral_flags["undetermined"]) == [False, True, False, False]

@@ -1,5 +1,7 @@
 """Fast (one-token / truncated-prompt) block Jacobians equal the full-prompt reference."""
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -9,17 +11,23 @@ from coupling.coupling_metrics import depth_coupling
 from coupling.fastpath import (FastBlock, NotCausalError, TokenJacobian, fast_depth_coupling,
                                fast_jacobian, fast_operator, fast_svd, is_causal, token_function)
 from coupling.jacobian import BlockJacobian, exact_jacobians
-from coupling.loading import LoadedModel
+from coupling.loading import LoadedModel, parse_dtype
 from coupling.svd import svd_of_dense
 from coupling.trajectory import run_forward
 from coupling.zoo import CAUSAL, build_random, random_inputs, small_config
 
 N = 7   # prompt length: t = 0, a middle token and the last one are all exercised
+# Opt-in device and weight dtype (scripts/gpu_check.py runs this file on a GPU):
+# COUPLING_TEST_DEVICE=cuda puts the models and products there; COUPLING_TEST_DTYPE=bfloat16
+# builds the models that are float32 by default in bf16 (Jacobians stay float32).
+DEVICE = torch.device(os.environ.get("COUPLING_TEST_DEVICE", "cpu"))
+DTYPE = parse_dtype(os.environ.get("COUPLING_TEST_DTYPE", "float32"))
 
 
-def _record(family, dtype=torch.float32, n_layers=2):
+def _record(family, dtype=DTYPE, n_layers=2):
     cfg = small_config(family, n_layers=n_layers)
-    lm = LoadedModel(build_random(cfg, dtype=dtype), None, cfg, {"n_layers": n_layers})
+    model = build_random(cfg, dtype=dtype).to(DEVICE)
+    lm = LoadedModel(model, None, cfg, {"n_layers": n_layers})
     return lm, run_forward(lm, random_inputs(family, n_tokens=N))
 
 
@@ -55,7 +63,7 @@ def test_operator_products_equal_full_prompt(causal_record):
     call = rec.calls[0]
     t = N // 2
     ref = _reference(call, t, t)
-    M = torch.randn(ref.shape[1], 5, generator=torch.Generator().manual_seed(0))
+    M = torch.randn(ref.shape[1], 5, generator=torch.Generator().manual_seed(0)).to(DEVICE)
     op = fast_operator(call, t, t, chunk=2)      # 5 products in batches of 2, 2, 1
     assert isinstance(op, TokenJacobian)
     assert _rel(op @ M, ref @ M) < 1e-5, family
@@ -63,7 +71,7 @@ def test_operator_products_equal_full_prompt(causal_record):
     assert _rel(op @ M, ref @ M) < 1e-5, family  # repeated products: no state carried over
     # the plain one-token function also works under vmap (BlockJacobian's products)
     g = token_function(call, t)
-    vop = BlockJacobian(g, call.input[:, t:t + 1], 0, 0)
+    vop = BlockJacobian(g, call.input[:, t:t + 1].float(), 0, 0)
     assert _rel(vop @ M, ref @ M) < 1e-5, family
     assert _rel(vop.T @ M, ref.T @ M) < 1e-5, family
 
@@ -78,7 +86,7 @@ def test_context_jacobians_use_truncated_prompt(causal_record):
     assert _rel(fast_jacobian(call, t2, t1=1), _reference(call, 1, t2)) < 1e-5, family
     allJ = fb.jacobians(t2)
     f = residual_branch(call)
-    ref = exact_jacobians(f, call.input, t2)
+    ref = exact_jacobians(f, call.input.float(), t2)   # .float(): bf16 models
     for t1 in range(N):
         if t1 <= t2:
             assert _rel(allJ[t1], ref[t1]) < 1e-5, (family, t1)
@@ -214,7 +222,7 @@ def test_final_norm_folded_into_the_last_block():
     lm, rec = _record("llama")
     call, norm = rec.calls[-1], lm.model.model.norm
     f = residual_branch(call, final_norm=norm)
-    ref = exact_jacobians(f, call.input, N - 1, [N - 1])[0]
+    ref = exact_jacobians(f, call.input.float(), N - 1, [N - 1])[0]
     assert _rel(fast_jacobian(call, N - 1, final_norm=norm), ref) < 1e-5
 
 

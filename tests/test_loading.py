@@ -52,3 +52,19 @@ def test_errors_are_clear(tmp_path):
         load_model("no-such-org/no-such-model-xyz")
     with pytest.raises(ValueError, match="unknown dtype"):
         parse_dtype("float8")
+
+
+def test_revision_with_a_local_folder_is_a_one_line_error(llama_folder, tmp_path, capsys):
+    """transformers ignores a revision for a folder; we refuse it instead of writing a
+    revision the weights do not come from into the manifest."""
+    with pytest.raises(ModelLoadError, match=f"revision 'v2' was given with the local folder "
+                                             f"{llama_folder}, which has no revisions"):
+        load_model(llama_folder, revision="v2")
+    with pytest.raises(ModelLoadError, match="local folder"):
+        load_model(None, revision="main")                 # the embedded tiny model is a folder
+    from coupling.cli import main
+    rc = main(["scan", "--model", str(llama_folder), "--revision", "v2",
+               "--out", str(tmp_path / "o"), "--no-figures"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("coupling: error: revision 'v2' was given")
+    assert not (tmp_path / "o").exists()

@@ -9,8 +9,9 @@ import pytest
 import torch
 from scipy import special
 
+from coupling.cli import add_perturb_parser
 from coupling.loading import TINY_MODEL_DIR, LoadedModel, load_model
-from coupling.perturb import add_perturb_parser, perturb
+from coupling.perturb import perturb
 from coupling.zoo import build_random, small_config
 
 

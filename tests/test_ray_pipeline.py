@@ -19,7 +19,7 @@ from ray_jobs.config import parse_config
 from ray_jobs.placement import (GB, PROCESS_OVERHEAD, ModelSizes, NodeInfo, PlacementError,
                                 balanced_ranges, plan_placement)
 from ray_jobs.reduce import model_row
-from ray_jobs.shards import Shard, ShardStore
+from coupling.store import Shard, ShardStore
 from ray_jobs.stage import StageModel, run_pipeline
 
 
@@ -47,8 +47,12 @@ def test_stages_reproduce_analyze_prompt_exactly(family_model, token):
     for ranges in ([(0, 1), (1, 3), (3, 4)], [(0, 3), (3, 4)]):
         stages = [StageModel(folder, config, lo, hi) for lo, hi in ranges]
         got = run_pipeline(stages, ids, settings, "p", {"kind": "x"})
-        for name in ("depth_normalized", "depth_raw", "singular_values", "pca"):
+        for name in ("depth_normalized", "depth_raw", "singular_values", "next_singular_values",
+                     "pca"):
             _equal(getattr(got, name), getattr(ref, name))
+        assert set(got.spectral_flags) == set(ref.spectral_flags) == {"undetermined", "svd_fallback"}
+        for key in ref.spectral_flags:
+            _equal(got.spectral_flags[key], ref.spectral_flags[key])
         assert got.summary == ref.summary and list(got.summary) == list(ref.summary)
         assert got.meta == ref.meta
         for key in ref.layers:
@@ -189,10 +193,10 @@ def test_shard_store_is_atomic_and_checks_its_plan(tmp_path):
     assert not list(store.root.glob(".*tmp*"))          # the temporary file was renamed
     with pytest.raises(RuntimeError, match="do not match"):
         store.write(shards[0], [PromptResult("z", 1, {}, {}, {})])
-    (store.root / ".shard-00000.pkl.tmp-1").write_bytes(b"half")   # a killed writer's leftover
+    (store.root / ".shard-00000.npz.tmp-1").write_bytes(b"half")   # a killed writer's leftover
     store.clean_partial()
     assert not list(store.root.glob(".*tmp*"))
-    with pytest.raises(ValueError, match="different plan"):
+    with pytest.raises(ValueError, match="holds shards of a different scan"):
         store.check_plan({"shards": [["a"], ["b", "c"]]})
 
 

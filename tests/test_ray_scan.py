@@ -2,11 +2,13 @@
 
 Block-range placements (2 and 3 stages) must reproduce ``coupling.scan.scan``'s files: on
 CPU float32 the arrays are compared with atol=1e-6 (measured difference: exactly 0); the
-replica placement is checked the same way in ``test_ray_job_submit.py``.  Faults: a stage
-actor killed mid-scan (test hook ``COUPLING_TEST_CRASH_AFTER``) and a driver killed mid-scan
-(SIGKILL) must still give every prompt exactly once.
+replica placement is checked the same way in ``test_ray_job_submit.py``.  Faults (injected
+by the tests' own actor subclasses, ``ray_faults.py``): a stage actor and a replica that
+crash mid-scan, and a driver killed mid-scan (SIGKILL), must still give every prompt exactly
+once.
 """
 import json
+import pickle
 import signal
 import subprocess
 import sys
@@ -20,6 +22,8 @@ import yaml
 from ray_fixtures import *  # noqa: F401,F403  (session fixtures)
 from ray_fixtures import (assert_models_row, assert_same_as_local, free_port, ray_config,
                           subprocess_env)
+from ray_faults import crashing
+from test_store import Plant
 from ray_jobs.config import parse_config
 from ray_jobs.placement import PlacementError
 from ray_jobs.scan import run_scan
@@ -27,9 +31,9 @@ from ray_jobs.scan import run_scan
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(tmp_path, model_dir, name, **extra):
+def _run(tmp_path, model_dir, name, workers=None, **extra):
     cfg = parse_config(ray_config(model_dir, **extra), out=str(tmp_path / name))
-    return cfg, run_scan(cfg, progress=False)
+    return cfg, run_scan(cfg, progress=False, workers=workers)
 
 
 def test_two_stages_match_local_and_write_to_a_uri(ray_address, ray_model_dir,
@@ -46,7 +50,8 @@ def test_two_stages_match_local_and_write_to_a_uri(ray_address, ray_model_dir,
     fs = fsspec.filesystem("memory")
     assert fs.exists(f"/coupling-test/run2/{key}/depth_coupling.npz")
     assert fs.exists(f"/coupling-test/run2/models.parquet")
-    assert len(fs.glob(f"/coupling-test/run2/_shards/{key}/shard-*.pkl")) == 2
+    assert len(fs.glob(f"/coupling-test/run2/_shards/{key}/shard-*.npz")) == 2
+    assert not (tmp_path / "staging").exists() or not any((tmp_path / "staging").iterdir())
     fetched = tmp_path / "fetched"
     fs.get(f"/coupling-test/run2/{key}/", str(fetched), recursive=True)
     assert_same_as_local(fetched, local_reference)
@@ -57,13 +62,14 @@ def test_two_stages_match_local_and_write_to_a_uri(ray_address, ray_model_dir,
 
 
 def test_three_stages_hold_only_their_blocks_survive_a_crash_and_match_local(
-        ray_address, ray_model_dir, local_reference, tmp_path, monkeypatch):
+        ray_address, ray_model_dir, local_reference, tmp_path):
     from coupling.loading import load_model
+    from ray_jobs.actors import StageWorker
 
     marker = tmp_path / "crashed"
-    monkeypatch.setenv("COUPLING_TEST_CRASH_AFTER", "4")    # a stage exits after 4 forwards
-    monkeypatch.setenv("COUPLING_TEST_CRASH_MARKER", str(marker))
-    cfg, report = _run(tmp_path, ray_model_dir, "stages3", stages=3, shard_size=3)
+    stage = crashing(StageWorker, "forward", after=4, marker=str(marker))  # exits on forward 4
+    cfg, report = _run(tmp_path, ray_model_dir, "stages3", workers={"stage": stage},
+                       stages=3, shard_size=3)
     key = cfg.jobs[0].key
     rep = report["models"][key]
     assert marker.exists(), "the fault hook did not fire"
@@ -87,34 +93,46 @@ def test_killed_driver_resumes_only_unfinished_shards(ray_address, ray_model_dir
     cfg_path = tmp_path / "scan.yaml"
     out = tmp_path / "resumed"
     cfg_path.write_text(yaml.safe_dump(ray_config(ray_model_dir, replicas=1, shard_size=1)))
-    env = subprocess_env(COUPLING_TEST_SHARD_DELAY="1.0")   # ~1 s per shard: time to kill
-    proc = subprocess.Popen([sys.executable, "-m", "ray_jobs.scan", "--config", str(cfg_path),
-                             "--address", ray_address, "--out", str(out), "--quiet"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    marker = tmp_path / "crashed"
+    # the driver with a replica that sleeps 1 s per shard (time to kill the driver) and
+    # crashes once, on its second shard (Ray restarts it and retries the shard)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "ray_faults.py"), "--delay",
+                             "1.0", "--crash-after", "2", "--crash-marker", str(marker), "--",
+                             "--config", str(cfg_path), "--address", ray_address,
+                             "--out", str(out), "--quiet"],
+                            cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
     key = parse_config(ray_config(ray_model_dir), out=str(out)).jobs[0].key
     shard_dir = out / "_shards" / key
     deadline = time.time() + 150
     try:
-        while len(list(shard_dir.glob("shard-*.pkl"))) < 2:
+        while len(list(shard_dir.glob("shard-*.npz"))) < 2:
             assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
             assert time.time() < deadline, "driver wrote no shards in time"
             time.sleep(0.1)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    finished = sorted(p.name for p in shard_dir.glob("shard-*.pkl"))
+    finished = sorted(p.name for p in shard_dir.glob("shard-*.npz"))
     assert 2 <= len(finished) < 6, finished
     assert not (out / key / "summary.parquet").exists()
-    mtimes = {p.name: p.stat().st_mtime_ns for p in shard_dir.glob("shard-*.pkl")}
+    assert marker.exists(), "the replica did not crash"
+    mtimes = {p.name: p.stat().st_mtime_ns for p in shard_dir.glob("shard-*.npz")}
+    # a planted pickle in the shard folder: reported, never loaded
+    planted = tmp_path / "pickle-was-executed"
+    (shard_dir / "shard-00009.pkl").write_bytes(pickle.dumps(Plant(planted)))
     cfg = parse_config(ray_config(ray_model_dir, replicas=1, shard_size=1), out=str(out))
-    rep = run_scan(cfg, progress=False)["models"][key]
+    with pytest.warns(UserWarning, match=r"not shards \(shard-00009.pkl\).*never loaded"):
+        rep = run_scan(cfg, progress=False)["models"][key]
+    assert not planted.exists()
+    (shard_dir / "shard-00009.pkl").unlink()
     assert rep["shards_skipped"] == len(finished)
     left = 6 - len(finished)
     assert rep["shards_computed"] == left and rep["prompts_computed"] == left
     assert all(shard_dir.joinpath(n).stat().st_mtime_ns == t for n, t in mtimes.items())
     assert_same_as_local(out / key, local_reference)
-    marker = json.loads((out / "ray_scan.json").read_text())
-    assert marker["report"]["models"][key]["shards_skipped"] == len(finished)
+    saved = json.loads((out / "ray_scan.json").read_text())
+    assert saved["report"]["models"][key]["shards_skipped"] == len(finished)
     # a third run finds everything done and computes nothing
     again = run_scan(cfg, progress=False)["models"][key]
     assert again["shards_computed"] == 0 and again["shards_skipped"] == 6
@@ -151,3 +169,23 @@ def test_bad_input_gives_one_line_errors(ray_address, ray_model_dir, tmp_path, c
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(
         "ray_jobs.scan: error: unknown config key(s) ['colour']")
+
+
+def test_coupling_scan_ray_of_one_model_writes_the_local_layout(ray_address, ray_model_dir,
+                                                               local_reference, tmp_path):
+    """`coupling scan --ray` with one model: --out holds the local scan's files (same names,
+    same numbers), and the distributed scan's work folder beside it is gone."""
+    from coupling.cli import main as coupling_main
+
+    out = tmp_path / "flat"
+    argv = ["scan", "--ray", ray_address, "--model", ray_model_dir, "--out", str(out),
+            "--prompts", "builtin", "--max-prompts", "6", "--max-tokens", "16", "--k", "4",
+            "--measures", "depth,regularity", "--no-figures"]
+    assert coupling_main(argv) == 0
+    assert_same_as_local(out, local_reference)
+    names = lambda d: sorted(p.name for p in Path(d).iterdir())  # noqa: E731
+    assert names(out) == names(local_reference.out_dir)
+    assert not (tmp_path / "flat.ray").exists()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["jacobians"]["line"] == "one-token on 4/4 layers"
+    assert coupling_main(argv) == 2          # a finished scan is not overwritten silently

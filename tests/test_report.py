@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 from matplotlib.image import imread
 
+from coupling.cli import add_report_parser
 from coupling import report
 from coupling.report import (CBAR_LABEL, AXIS_L, AXIS_LP, adjacency_weights, band,
                              color_limits, depth_coupling_figure, draw_figures,
@@ -305,7 +306,7 @@ def test_report_parser_standalone(tmp_path, capsys):
     import argparse
 
     parser = argparse.ArgumentParser()
-    report.add_report_parser(parser.add_subparsers())
+    add_report_parser(parser.add_subparsers())
     small = dict(L=3, P=2, layers=False, pca=False, tokens=False)
     d = fake_scan(tmp_path / "s", **small)
     fake_scan(tmp_path / "r", random_init=True, seed=3, **small)

@@ -159,21 +159,19 @@ def test_console_script_runs(tmp_path, gpt2_folder):
 
 
 def test_deflated_and_all_token_options(gpt2_folder):
-    import torch
     from coupling import load_model, run_forward
-    from coupling.analysis import ScanSettings, analyze_prompt, layer_jacobians
+    from coupling.analysis import ScanSettings, analyze_prompt
     lm = load_model(gpt2_folder)
     ids = lm.tokenizer("One two three four five", return_tensors="pt")["input_ids"]
     rec = run_forward(lm, ids)
     n = rec.n_tokens
     plain = analyze_prompt(lm, ids, ScanSettings(k=4), record=rec)
     defl = analyze_prompt(lm, ids, ScanSettings(k=4, deflate_ln=True), record=rec)
+    # pre-LN blocks come back unchanged (their one trivial direction, 1, is null); only the
+    # last block, final norm inside (Eq. 7), is post-norm and deflated (tests/test_deflation.py)
     assert not np.allclose(plain.depth_normalized, defl.depth_normalized)
-    # the deflated Jacobians kill the all-ones direction and the block input x^{l-1}_t
-    J = layer_jacobians(rec, [2], n - 1, ScanSettings(k=4, deflate_ln=True), lm.model)[2]
-    x_in = rec.hidden_states[1, n - 1]
-    assert (J @ torch.ones(J.shape[1])).abs().max() < 1e-4
-    assert (J @ x_in).abs().max() < 1e-4 * x_in.norm()
+    np.testing.assert_array_equal(plain.depth_normalized[:2, :2], defl.depth_normalized[:2, :2])
+    assert [defl.deflation[str(l)]["removed_in"] for l in (1, 2, 3)] == [0, 0, 2]
     allt = analyze_prompt(lm, ids, ScanSettings(k=4, token="all"), record=rec)
     per_token = [analyze_prompt(lm, ids[:, :t + 1], ScanSettings(k=4)).depth_normalized
                  for t in range(n)]   # causal: token t's J_tt only sees the prefix
@@ -198,12 +196,17 @@ def test_local_jacobians_equal_the_whole_prompt_reference(family):
     full = analyze_prompt(lm, ids, ScanSettings(jacobian="full", svd="exact", **common),
                           record=rec)
     assert np.allclose(local.depth_normalized, full.depth_normalized, atol=1e-5)
-    assert np.allclose(local.depth_raw, full.depth_raw, rtol=1e-5, atol=1e-6)
+    # raw m scales with ||J||: ~47 for the last block with its final norm at random init
+    assert np.allclose(local.depth_raw, full.depth_raw, rtol=1e-5,
+                       atol=1e-6 * np.abs(full.depth_raw).max())
     assert np.allclose(local.singular_values, full.singular_values, rtol=1e-5)
     for name in ("self", "fixed_input", "fixed_output"):
         assert np.allclose(local.tokens[name], full.tokens[name], atol=1e-5, equal_nan=True), name
+    # the mean of grid entries that agree to 1e-5; with the final norm inside the last block
+    # (Eq. 7) its random-init spectrum is nearly degenerate (s1/s2 = 1.0001 for GPT-2), so
+    # round-off turns its top singular vectors by ~1e-3 and the mean moves by ~2e-6
     assert abs(local.summary["depth_mis_coupling_mean"]
-               - full.summary["depth_mis_coupling_mean"]) < 1e-6
+               - full.summary["depth_mis_coupling_mean"]) < 1e-5
 
 
 def test_jacobian_setting_is_validated(tmp_path, gpt2_folder, capsys):

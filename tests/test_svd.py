@@ -98,8 +98,11 @@ def test_matrix_free_path_never_allocates_d_by_d_at_huge_d():
         return torch.tanh(X * w) - X
     X = torch.zeros(1, 2, d)
     op = BlockJacobian(f, X, 1, 1, chunk=8)
-    res = top_k_svd(op, 4, "lanczos")
-    torch.testing.assert_close(res.S, torch.tensor([4.0, 3.0, 2.0, 1.5]), rtol=1e-4, atol=1e-4)
+    # K = 3: s_{K+1} = 1.5 is computed too; K = 4 would put s_{K+1} in the 100,000-fold
+    # cluster at 0.5, which ARPACK resolves to tol=0 only after thousands of restarts
+    res = top_k_svd(op, 3, "lanczos")
+    torch.testing.assert_close(res.S, torch.tensor([4.0, 3.0, 2.0]), rtol=1e-4, atol=1e-4)
+    assert float(res.s_next) == pytest.approx(1.5, rel=1e-4) and res.fallback is None
     res2 = top_k_svd(op, 4, "randomized", n_iter=4)
     torch.testing.assert_close(res2.S, torch.tensor([4.0, 3.0, 2.0, 1.5]), rtol=1e-2, atol=1e-2)
 
@@ -119,3 +122,74 @@ def test_dense_top_k_picks_arpack_or_full_svd_and_both_are_exact():
         assert max_sine(res.V, V[:, :k]) < 1e-3 and max_sine(res.U, U[:, :k]) < 1e-3
         # singular triplets: J v = s u
         assert torch.allclose(J.float() @ res.V, res.U * res.S, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["exact", "lanczos", "randomized"])
+def test_every_method_returns_the_next_singular_value(method):
+    """``s_{K+1}`` (for the s_K/s_{K+1} gap) from every route, against the known spectrum."""
+    d, k = 120, 8
+    s = 0.7 ** torch.arange(d, dtype=torch.float64)
+    J, _, _ = known_matrix(d, s)
+    res = top_k_svd(J, k, method=method, n_iter=6)
+    torch.testing.assert_close(res.s_next, s[k], rtol=1e-8, atol=0)
+    assert res.gap == pytest.approx(1 / 0.7) and res.fallback is None
+    cut = res.truncate(3)
+    assert float(cut.s_next) == float(res.S[3]) and cut.k == 3
+    assert top_k_svd(J[:5, :5], 5, "exact").s_next is None      # K = d: nothing left out
+
+
+def test_dense_top_k_routes_return_the_next_singular_value():
+    from coupling.svd import dense_top_k
+    d = 600
+    spectrum = torch.cat([torch.linspace(3, 2, 40), torch.linspace(1, 0.1, d - 40)]).double()
+    J, _, _ = known_matrix(d, spectrum, seed=5)
+    for k in (10, 40):                                   # ARPACK on the dense J; full SVD
+        res = dense_top_k(J.float(), k)
+        assert float(res.s_next) == pytest.approx(float(spectrum[k]), rel=1e-5)
+
+
+def test_arpack_non_convergence_falls_back_to_the_dense_svd_and_says_so():
+    """ARPACK capped at one restart on a nearly flat spectrum does not converge: the result
+    comes from the dense SVD (an operator is materialised by products), exact, recorded."""
+    from coupling.svd import DENSE_FALLBACK_MAX_D
+    d, k = 300, 10
+    s = torch.linspace(2.0, 1.0, d, dtype=torch.float64)
+    J, U, V = known_matrix(d, s, seed=4)
+    normal = top_k_svd(J, k, "lanczos")
+    assert normal.fallback is None
+    linear = BlockJacobian(lambda X: X @ J.T, torch.zeros(1, 1, d, dtype=torch.float64), 0, 0)
+    for A in (J, linear):                  # a dense matrix; an operator (JVP/VJP products)
+        res = top_k_svd(A, k, "lanczos", maxiter=1)
+        assert res.fallback is not None and "ARPACK not converged in 1 restarts" in res.fallback
+        assert torch.allclose(res.S, s[:k], rtol=1e-12) and float(res.s_next) == pytest.approx(float(s[k]))
+        assert max_sine(res.U, U[:, :k]) < 1e-8
+    # past DENSE_FALLBACK_MAX_D the dense matrix is not built: a one-line error instead
+    d = DENSE_FALLBACK_MAX_D + 8
+    w = torch.cat([torch.tensor([5.0, 4.0, 3.0]), torch.linspace(1.5, 0.5, d - 3)])
+    op = BlockJacobian(lambda X: torch.tanh(X * w) - X, torch.zeros(1, 1, d), 0, 0, chunk=8)
+    with pytest.raises(RuntimeError, match="ARPACK did not converge in 1 restarts and a dense "
+                                           f"{d}x{d} Jacobian is too large"):
+        top_k_svd(op, 3, "lanczos", maxiter=1)     # s_4 sits in a 32,000-fold cluster
+
+
+def test_scan_records_the_fallback_per_layer(tmp_path):
+    """``arpack_maxiter: 1`` in a scan: every layer falls back, the grids are still the exact
+    ones, and layers.parquet / the summary say which layers fell back."""
+    import numpy as np
+    from coupling.analysis import ScanSettings, analyze_prompt
+    from coupling.results import layers_frame, summary_frame
+    cfg = small_config("gpt2", d=64, n_layers=3)
+    lm = LoadedModel(build_random(cfg), None, cfg, {"n_layers": 3})
+    ids = random_inputs("gpt2", n_tokens=6)["input_ids"]
+    rec = run_forward(lm, ids)
+    common = dict(k=4, svd="lanczos", measures=("depth", "regularity"))
+    capped = analyze_prompt(lm, ids, ScanSettings(arpack_maxiter=1, **common), record=rec)
+    free = analyze_prompt(lm, ids, ScanSettings(**common), record=rec)
+    assert capped.spectral_flags["svd_fallback"].all() and not free.spectral_flags["svd_fallback"].any()
+    assert capped.summary["depth_svd_fallbacks"] == 3 and free.summary["depth_svd_fallbacks"] == 0
+    assert np.allclose(capped.depth_normalized, free.depth_normalized, atol=1e-4)
+    layers = layers_frame([capped])
+    assert list(layers["svd_fallback"].iloc[1:]) == [True] * 3 and layers["svd_fallback"].isna()[0]
+    assert summary_frame([capped])["depth_svd_fallbacks"].iloc[0] == 3
+    with pytest.raises(ValueError, match="arpack_maxiter must be a positive integer"):
+        ScanSettings(arpack_maxiter=0)
