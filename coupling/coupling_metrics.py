@@ -1,4 +1,4 @@
-"""Coupling matrices and mis-coupling scores (METHODS.md, "Coupling"; paper Eq. 10-14).
+"""Coupling matrices and mis-coupling scores (docs/methods.md, "Coupling"; paper Eq. 10-14).
 
 Conventions
 -----------

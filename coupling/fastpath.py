@@ -1,6 +1,6 @@
 """Fast block Jacobians: differentiate only the tokens a Jacobian can depend on.
 
-``J^l_{t1 t2} = d f^l(X)_{t2} / d x_{t1}`` (METHODS.md, Eq. 8).  The reference way (the paper
+``J^l_{t1 t2} = d f^l(X)_{t2} / d x_{t1}`` (docs/methods.md, Eq. 8).  The reference way (the paper
 authors') pushes every product through the block applied to the *whole* prompt, ``n``
 tokens, although in a causal model:
 
@@ -655,7 +655,7 @@ def fast_depth_coupling(calls: Sequence[BlockCall], k: int, t: int = -1, method:
                         variants=("normalized", "raw"), **svd_kw) -> dict:
     """Depth-wise coupling (L x L) of ``J^l_{tt}`` over the recorded ``calls`` (one prompt).
 
-    ``final_norm`` (optional) is folded into the last block only (METHODS.md, Eq. 7).
+    ``final_norm`` (optional) is folded into the last block only (docs/methods.md, Eq. 7).
     Returns :func:`coupling.coupling_metrics.depth_coupling`'s dict plus ``"svds"``.
     """
     from .coupling_metrics import depth_coupling

@@ -1,6 +1,6 @@
 """Block Jacobians of the residual branch: exact matrices and matrix-free operators.
 
-``J^l_{t1 t2} = d f^l(X^{l-1})_{t2} / d x^{l-1}_{t1}`` (METHODS.md, Eq. 8), a ``d x d`` matrix
+``J^l_{t1 t2} = d f^l(X^{l-1})_{t2} / d x^{l-1}_{t1}`` (docs/methods.md, Eq. 8), a ``d x d`` matrix
 (row = output coordinate at token t2, column = input coordinate at token t1).
 
 * ``BlockJacobian`` is a ``LinearOperator``: ``J @ M`` costs one batched JVP (forward mode)

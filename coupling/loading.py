@@ -160,7 +160,7 @@ def _load_tokenizer(source, common):
     for loader in (tf.AutoTokenizer, tf.AutoImageProcessor):
         try:
             return loader.from_pretrained(source, **common)
-        except (OSError, ValueError, TypeError, KeyError):
+        except (OSError, ValueError, TypeError, KeyError, ImportError):   # 5.17: no torchvision
             continue
     return None
 

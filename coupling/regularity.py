@@ -1,4 +1,4 @@
-"""Regularity of hidden-state trajectories (METHODS.md, "Trajectory regularity"; Eq. 15-18).
+"""Regularity of hidden-state trajectories (docs/methods.md, "Trajectory regularity"; Eq. 15-18).
 
 Input convention: a trajectory tensor ``X`` (torch or numpy) of shape ``(L+1, n, d)``
 (layer 0 = embeddings, ``n`` tokens) or ``(L+1, d)`` for one token.  Per-token scores come

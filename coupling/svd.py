@@ -11,7 +11,7 @@ Methods (``top_k_svd(J, k, method=...)``):
   says so in ``SVDResult.fallback``.
 * ``randomized``: Halko-Martinsson-Tropp subspace iteration with oversampling ``p`` and ``q``
   power iterations (re-orthonormalised each step), seeded.  Cheap but inaccurate on the
-  nearly flat spectra of transformer blocks (``../shared/MEASUREMENTS.md``: max principal
+  nearly flat spectra of transformer blocks (BENCHMARKS.md: max principal
   angle ~1 at q<=2), so it is never the default.
 
 ``auto`` (the default) is ``exact`` when ``d <= EXACT_MAX_D`` (the dense Jacobian is cheap to

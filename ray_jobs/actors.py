@@ -58,8 +58,16 @@ class ReplicaWorker:
         self.lm = load_model(spec["source"], revision=spec["revision"], dtype=spec["dtype"],
                              random_init=spec["random_init"], seed=spec["init_seed"],
                              trust_remote_code=spec["trust_remote_code"],
-                             device_map="auto" if self.use_gpu else None)
+                             device_map=self._device_map(spec))
         self.spec = spec
+
+    def _device_map(self, spec: dict):
+        """The plan's Accelerate map (GPU indices are this actor's own GPUs, 0..g-1, as Ray
+        sets CUDA_VISIBLE_DEVICES); ``auto`` on GPUs without one; none on a CPU (also when
+        the GPUs are logical only, as in the fake-provider tests)."""
+        if not self.use_gpu or not torch.cuda.is_available():
+            return None
+        return spec.get("device_map") or "auto"
 
     def run(self, spec: dict, shard) -> list:
         """``PromptResult`` per prompt of ``shard``, in order."""

@@ -408,6 +408,8 @@ def _run_replicas(job, f, placement, todo, opts, pool, on_shard, rep, prog):
 
     actors = pool.get(placement, _threads(job, f, opts))
     spec = _model_spec(job)
+    if placement.device_map:        # GPU replicas load exactly the map the plan printed
+        spec["device_map"] = placement.device_map
     what = f"{placement.n_actors} replica(s) of {job.source}"
     try:
         rep["actors"] = ray.get([a.prepare.remote(spec) for a in actors],

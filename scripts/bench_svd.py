@@ -240,7 +240,7 @@ def max_sine(A, B):
 
 
 def coupling_values(J, svd, svd_ref, J_partner, svd_partner, k):
-    """Normalized mis-coupling (METHODS.md Eq. 14) of the block against its partner block.
+    """Normalized mis-coupling (docs/methods.md, Eq. 14) of the block against its partner block.
 
     ``(J against the partner's top-K vectors, the partner against J's top-K vectors, largest
     principal-angle sine between J's top-K singular subspaces and the reference's)``.

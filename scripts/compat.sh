@@ -2,7 +2,8 @@
 # Test the declared version ranges at both ends: one fresh venv per boundary set
 # (constraints/low.txt, constraints/high.txt), the package installed from the repo's own files
 # under those pins, then the tests that lean on library internals (block replay, the one-token
-# fast path with its KV cache, the compat checks) and a Ray pipeline test.
+# fast path with its KV cache, the compat checks) and the Ray pipeline and scan tests (a real
+# local Ray cluster: stages, replicas, a killed driver resuming).
 #
 #   bash scripts/compat.sh [SET ...]        # default: low high; prints the docs/compat.md table
 #
@@ -13,7 +14,7 @@ ROOT=$PWD
 SETS=("$@"); [ ${#SETS[@]} -eq 0 ] && SETS=(low high)
 WORK=${COMPAT_DIR:-$(mktemp -d /tmp/coupling-compat-XXXXXX)}
 TESTS=(tests/test_blocks_jacobian.py tests/test_fastpath.py tests/test_compat.py
-       tests/test_ray_pipeline.py)
+       tests/test_ray_pipeline.py tests/test_ray_scan.py)
 RESULTS=$WORK/compat-results.md   # the table for docs/compat.md
 echo "| set | python | torch | transformers | accelerate | ray | tests | result |" > "$RESULTS"
 echo "|---|---|---|---|---|---|---|---|" >> "$RESULTS"
