@@ -37,36 +37,19 @@ from .deflation import deflate_block, norm_placement
 from .jacobian import BlockJacobian, exact_jacobians, exact_jacobians_from_input
 from .spectral_gap import undetermined, unit_roundoff
 from .svd import dense_top_k, resolve_method, svd_of_dense, top_k_svd
+from .settings import JACOBIAN_FUNCTIONS, MEASURES, parse_token_layers, settings_dataclass
 from .trajectory import (LAST_BLOCKS, ForwardRecord, check_last_block, logit_lens_head,
                          run_forward, with_last_block)
 
-MEASURES = ("depth", "tokens", "regularity")
-JACOBIAN_FUNCTIONS = ("local", "full")
 # Products per batch.  One-token products are cheap and batch well up to ~128
 # (BENCHMARKS.md); a product on many tokens holds their activations, so fewer at once.
 DEFAULT_CHUNK = {"one-token": 128, "tokens": 64}
 
 
-@dataclass
+@settings_dataclass("analysis")
 class ScanSettings:
-    """Knobs of the per-prompt analysis (the CLI flags and YAML keys of the same names)."""
-
-    k: int = 10
-    svd: str = "auto"                 # auto | exact | randomized | lanczos
-    jacobian: str = "local"           # local (fast, exact) | full (whole prompt, the reference)
-    token: str = "last"               # last | all: which token's J^l_{tt} the depth grid uses
-    measures: tuple = ("depth", "regularity")
-    # f^L = norm(block_L(X)) - X, X^L after the final norm (the paper's Eq. 7) | raw: no norm
-    last_block: str = "with-final-norm"
-    final_norm_in_last: bool | None = None   # deprecated alias: true = with-final-norm, false = raw
-    deflate_ln: bool = False          # remove verified trivial norm directions (post-norm blocks)
-    token_layers: tuple | None = None  # (l, l') for token-wise coupling, 1-based; default middle
-    lss_window: int = 11
-    n_iter: int = 4                   # randomized SVD power iterations
-    oversample: int = 10
-    arpack_maxiter: int | None = None  # ARPACK restarts before its dense fall-back; None: by d
-    seed: int = 0
-    chunk: int | None = None          # products per batch (memory); None: 128 one-token, else 64
+    """Knobs of the per-prompt analysis: the ``analysis`` settings of
+    :mod:`coupling.settings` (fields, defaults and help are listed there, once)."""
 
     def __post_init__(self):
         if isinstance(self.measures, str):
@@ -89,7 +72,7 @@ class ScanSettings:
                                                 or self.arpack_maxiter < 1):
             raise ValueError(f"arpack_maxiter must be a positive integer, got {self.arpack_maxiter!r}")
         if self.token_layers is not None:
-            self.token_layers = tuple(int(x) for x in self.token_layers)
+            self.token_layers = parse_token_layers(self.token_layers)
         self._resolve_last_block()
 
     def _resolve_last_block(self):
@@ -288,7 +271,7 @@ def analyze_prompt(lm, input_ids, settings: ScanSettings, prompt_id: str = "prom
     record = with_last_block(record or run_forward(lm, input_ids, last_block=settings.last_block),
                              settings.last_block, lm.model)
     timings["forward"] = time.perf_counter() - t0
-    L, n, d = record.n_layers, record.n_tokens, record.hidden_states.shape[-1]
+    n, d = record.n_tokens, record.hidden_states.shape[-1]
     if settings.k > d:
         raise ValueError(f"K={settings.k} is larger than the model width d={d}: lower --k")
     res = PromptResult(prompt_id, n, dict(meta or {}), {}, {})

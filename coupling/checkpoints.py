@@ -380,7 +380,7 @@ def scan_checkpoints(spec, out_dir, *, progress: bool = True, overwrite: bool = 
     atomic_write_bytes(out / DYNAMICS, table.to_parquet(index=False))
     runs = [(e.step, out / e.dirname) for e in entries if e.role == "checkpoint"]
     if training_figures and runs:
-        from .report import draw_training_figures
+        from .figures.training import draw_training_figures
         draw_training_figures(runs, out / "figures", adjacency_steps=adjacency_steps)
     return table
 

@@ -26,51 +26,19 @@ class _Command:
         return getattr(importlib.import_module(self.module), self.name)(args)
 
 
-def _int_or_none(s):
-    return None if s in (None, "", "none") else int(s)
-
-
 def add_scan_parser(sub):
+    """``coupling scan``: its setting flags and their help come from :mod:`coupling.settings`;
+    the keys without a flag (config file only) and the Ray keys are listed after them."""
+    from .settings import add_flags, yaml_only_help
+
+    epilog = "\n\n".join([yaml_only_help(), yaml_only_help(("ray",), "with --ray, config-file "
+                                                                     "keys of the Ray scan")])
     p = sub.add_parser("scan", help="scan a model's coupling and trajectory regularity",
-                       description="Scan a model (default: the embedded tiny GPT) over prompts.")
-    p.add_argument("--config", help="YAML file with scan settings (CLI flags override it)")
-    p.add_argument("--model", help="hub id or save_pretrained folder (default: embedded tiny model)")
-    p.add_argument("--revision")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--random-init", action="store_true", default=None,
-                   help="same architecture, fresh random weights (seed --init-seed)")
-    p.add_argument("--init-seed", type=int)
-    p.add_argument("--trust-remote-code", action="store_true", default=None)
-    p.add_argument("--block-path", help="dotted path of the block list if it is not found")
-    p.add_argument("--prompts", help="builtin | FILE.jsonl | hf:NAME[:split]")
-    p.add_argument("--max-prompts", type=int)
-    p.add_argument("--prompt-seed", type=int, help="shuffle prompts with this seed first")
-    p.add_argument("--max-tokens", type=int, help="truncate prompts to their first N tokens")
-    p.add_argument("--k", type=int, help="top-K singular vectors (default 10)")
-    p.add_argument("--svd", choices=["auto", "exact", "randomized", "lanczos"])
-    p.add_argument("--jacobian", choices=["local", "full"],
-                   help="local (default): the smallest exact function per Jacobian (one token "
-                        "with its prefix cached, in causal models); full: the whole prompt per "
-                        "product, the paper authors' method (same numbers, ~n times slower)")
-    p.add_argument("--chunk", type=int, help="products per batch (default 128 local, 64 full)")
-    p.add_argument("--token", choices=["last", "all"])
-    p.add_argument("--measures", help="comma list of depth,tokens,regularity")
-    p.add_argument("--raw-last-block", dest="last_block", action="store_const", const="raw",
-                   default=None, help="last block without the final norm, X^L before it "
-                                      "(default: with it, the paper's Eq. 7)")
-    p.add_argument("--final-norm-in-last", dest="last_block", action="store_const",
-                   const="with-final-norm", help="deprecated: now the default")
-    p.add_argument("--deflate-ln", action="store_true", default=None,
-                   help="remove the trivial directions of post-norm blocks (BERT; the last "
-                        "block with its final norm), verified per block; a no-op elsewhere")
-    p.add_argument("--token-layers", help="l,l' (1-based) for token-wise coupling")
-    p.add_argument("--out", help="output directory (default runs/<model>-<time>)")
-    p.add_argument("--overwrite", action="store_true", default=None)
-    p.add_argument("--threads", type=int, help="torch threads (default: 1 for d<=256, else all)")
-    p.add_argument("--no-figures", dest="figures", action="store_false", default=None)
-    p.add_argument("--fail-fast", action="store_true", default=None,
-                   help="stop at the first prompt that fails (default: record it in "
-                        "failures.json, finish the others, exit with code 3)")
+                       description="Scan a model (default: the embedded tiny GPT) over prompts.",
+                       epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML file with scan settings, the keys named as the flags "
+                                    "(--max-prompts: max_prompts); CLI flags override it")
+    add_flags(p)
     p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
                    help="run on a Ray cluster (ADDRESS, or a local one when omitted)")
     p.add_argument("--dry-run", action="store_true", default=False,
@@ -176,29 +144,28 @@ COMMANDS = {"scan": add_scan_parser, "report": add_report_parser,
             "checkpoints": add_checkpoints_parser}
 
 
-def _scan_overrides(args) -> dict:
-    keys = ["model", "revision", "dtype", "random_init", "init_seed", "trust_remote_code",
-            "block_path", "prompts", "max_prompts", "prompt_seed", "max_tokens", "k", "svd",
-            "jacobian", "chunk", "token", "measures", "last_block", "deflate_ln", "out", "overwrite",
-            "figures", "threads", "fail_fast"]
-    d = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
-    if args.token_layers:
-        d["token_layers"] = tuple(int(x) for x in args.token_layers.split(","))
-    return d
-
-
-def cmd_scan(args) -> int:
+def scan_config_dict(args) -> dict:
+    """The scan's flat settings: the ``--config`` file's, the flags given over them, and a
+    fresh ``runs/<model>-<time>`` when no ``out`` is given."""
     import time
 
-    from .scan import ScanConfig, load_config_file, scan
+    from .scan import load_config_file
+    from .settings import flag_values
 
     data = load_config_file(args.config) if args.config else {}
-    data.update(_scan_overrides(args))
+    data.update(flag_values(args))
     if not data.get("out"):
         name = os.path.basename(str(data.get("model") or "tiny").rstrip("/")) or "model"
         data["out"] = os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    return data
+
+
+def cmd_scan(args) -> int:
+    from .scan import ScanConfig, scan
+
     if args.dry_run and not args.ray:
         raise ValueError("--dry-run prints a Ray scan's placement plan: add --ray [ADDRESS]")
+    data = scan_config_dict(args)
     if args.ray:
         from ray_jobs.scan import run_from_cli  # the distributed scanner (Ray) lives outside the library
         return run_from_cli(data, address=None if args.ray == "local" else args.ray,

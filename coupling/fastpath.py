@@ -15,8 +15,9 @@ tokens, although in a causal model:
 How it is built, generically for every Hugging Face family (GPT-2, GPT-NeoX, Llama,
 Mistral, Qwen2, Gemma, Phi, Falcon...): the block's recorded call (:class:`BlockCall`) is
 bound to the block's signature, the per-token arguments are indexed (attention-mask rows
-and columns, ``position_ids``, ``cache_position``, rotary ``position_embeddings``, ALiBi),
-and a one-layer cache (:class:`_PrefixKV`, a ``transformers.Cache``) is passed in the
+and columns, ``position_ids``, ``cache_position``, rotary ``position_embeddings``, ALiBi;
+:mod:`coupling.hf_call`), and a one-layer cache (:class:`coupling.kv_cache._PrefixKV`, a
+``transformers.Cache``) is passed in the
 block's cache argument (named as its signature says: ``cache`` in transformers >= 5.24,
 ``past_key_values`` / ``layer_past`` before; see :func:`coupling.blocks.cache_parameter`).  One full-prompt call with the
 cache in *record* mode captures every token's keys/values (post-rotary, as the attention
@@ -36,13 +37,15 @@ not fit these rules it falls back, with a warning, to the truncated prompt, then
 prompt, so results are always those of the reference.  Non-causal blocks (BERT, ViT) use
 the full prompt.
 
+SVDs and depth-wise coupling straight from a :class:`FastBlock` (benchmarks, tests) are in
+:mod:`coupling.fastpath_svd`.
+
 Conventions: ``t`` indexes tokens of the recorded prompt (negative counts from the end);
 Jacobians are ``(d_out, d_in)``; products are taken in ``compute_dtype`` (float32 copies of
 bf16/fp16 blocks, as :func:`coupling.blocks.residual_branch` does).
 """
 from __future__ import annotations
 
-import inspect
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -50,29 +53,16 @@ from typing import Callable, Sequence
 import torch
 from torch.func import vjp
 
-from .blocks import CACHE_NAMES, BlockCall, cache_parameter, first_tensor, float32_block
+from .blocks import BlockCall, first_tensor, float32_block
+from .hf_call import _bind, _indexed_arguments, _Unsliceable, is_causal
 from .jacobian import BlockJacobian, check_finite, exact_jacobians
+from .kv_cache import _PrefixKV
 from .linop import LinearOperator
-from .svd import SVDResult, full_svd_pays, randomized_svd, svd_of_dense, top_k_svd
 
-try:  # a real Cache subclass, so families that type-check the cache accept it
-    from transformers.cache_utils import Cache as _CacheBase
-except ImportError:  # pragma: no cover - transformers is a dependency
-    _CacheBase = object
-
-# Per-argument slicing rules: "qk" = (..., query, key) masks, "q" = per-query positions in the
-# last dim, "q2" = per-query tables in dim -2 (rotary cos/sin), "k" = per-key biases.
-SLICE_RULES = {
-    "attention_mask": "qk", "causal_mask": "qk",
-    "position_ids": "q", "cache_position": "q",
-    "position_embeddings": "q2",
-    "alibi": "k",
-}
 # Relative tolerance of the one-time check of a local function against the full prompt: far
 # above round-off (some families compute softmax/RMSNorm in float32 even for float64 weights),
 # far below what a wrong mask, position or cache produces (O(1e-2) and more).
 VERIFY_RTOL = {torch.float64: 1e-6, torch.float32: 1e-4}
-SVD_METHODS = ("auto", "dense", "dense-lanczos", "lanczos", "randomized")
 # Products per batch of token copies.  Measured on CPU (BENCHMARKS.md): 64-256 copies make the
 # block's matmuls efficient; larger batches only add attention work among the masked copies.
 DENSE_CHUNK = 128
@@ -80,163 +70,6 @@ DENSE_CHUNK = 128
 
 class NotCausalError(ValueError):
     """The block is not causal (BERT, ViT): no one-token function exists."""
-
-
-class _Unsliceable(Exception):
-    pass
-
-
-# ------------------------------------------------------------------------------------------
-# the one-layer cache
-# ------------------------------------------------------------------------------------------
-class _PrefixKV(_CacheBase):
-    """A one-layer KV cache for one block call (``layer_idx`` is ignored).
-
-    ``prefix=None`` (record mode): ``update`` stores the keys/values it is given and returns
-    them unchanged, so the block computes exactly as without a cache.  ``prefix=[(K, V),
-    ...]`` (frozen mode): the i-th ``update`` of the call returns ``cat(K_i, k)``, ``cat(V_i,
-    v)`` along the sequence axis and stores nothing.  One entry per attention in the block.
-    """
-
-    def __init__(self, prefix=None):
-        if _CacheBase is not object:
-            super().__init__(layers=[])
-        self.prefix = prefix
-        self.recorded: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._i = 0
-
-    def update(self, key_states, value_states, layer_idx=None, *args, **kwargs):
-        if self.prefix is None:
-            self.recorded.append((key_states.detach(), value_states.detach()))
-            return key_states, value_states
-        if self._i >= len(self.prefix):
-            raise _Unsliceable("the block updated its cache more often than when recorded")
-        K, V = self.prefix[self._i]
-        self._i += 1
-        return torch.cat([K, key_states], dim=-2), torch.cat([V, value_states], dim=-2)
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0 if not self.prefix else self.prefix[0][0].shape[-2]
-
-
-# ------------------------------------------------------------------------------------------
-# binding and slicing a recorded call
-# ------------------------------------------------------------------------------------------
-def _bind(call: BlockCall, module) -> tuple[str, dict, str | None]:
-    """``(hidden_name, other_arguments, cache_name)`` of a recorded call, all by name."""
-    sig = inspect.signature(module.forward)
-    try:
-        bound = sig.bind_partial(*call.args, **call.kwargs)
-    except TypeError as e:
-        raise _Unsliceable(f"cannot bind the recorded call to {type(module).__name__}: {e}")
-    flat = {}
-    for name, value in bound.arguments.items():
-        kind = sig.parameters[name].kind
-        if kind is inspect.Parameter.VAR_KEYWORD:
-            flat.update(value)
-        elif kind is inspect.Parameter.VAR_POSITIONAL:
-            if value:
-                raise _Unsliceable(f"{type(module).__name__} takes *args")
-        else:
-            flat[name] = value
-    hidden = next(iter(sig.parameters))
-    if call.hidden_in_kwargs:
-        hidden = "hidden_states"
-    flat.pop(hidden, None)
-    cache = cache_parameter(module)
-    for alias in CACHE_NAMES:    # a recorded deprecated alias must not shadow the real cache
-        if alias != cache:
-            flat.pop(alias, None)
-    return hidden, flat, cache
-
-
-def _index_tensor(x: torch.Tensor, rule: str, n: int, q, k, block, name: str):
-    """Gather the rows ``q`` / columns ``k`` of one per-token tensor (see ``SLICE_RULES``)."""
-    if rule == "qk":
-        if x.ndim >= 3 and x.shape[-2] in (n, 1) and x.shape[-1] == n:   # (.., query, key)
-            if x.shape[-2] == n:
-                x = x.index_select(-2, q)
-            elif block is not None:
-                x = x.expand(*x.shape[:-2], len(q), n)
-            x = x.index_select(-1, k)
-            if block is not None:   # copies of token t must not see each other
-                x = x & ~block if x.dtype == torch.bool else \
-                    x.masked_fill(block, torch.finfo(x.dtype).min)
-            return x
-        if x.ndim == 2 and x.shape[-1] == n and block is None:          # (batch, key) padding
-            return x.index_select(-1, k)
-    elif rule == "q" and x.shape[-1] == n:
-        return x.index_select(-1, q)
-    elif rule == "q2" and x.ndim >= 2 and x.shape[-2] == n:
-        return x.index_select(-2, q)
-    elif rule == "k" and x.shape[-1] == n:
-        x = x.index_select(-1, k)
-        return x.index_select(-2, q) if x.ndim >= 2 and x.shape[-2] == n else x
-    if n not in x.shape:                # nothing per-token in it (e.g. a (1, 1, 1, 1) mask)
-        return x
-    raise _Unsliceable(f"argument {name!r} of shape {tuple(x.shape)} does not follow its rule")
-
-
-def _index_value(value, rule: str | None, n: int, q, k, block, name: str):
-    if isinstance(value, torch.Tensor):
-        if rule is None:
-            if n > 1 and n in value.shape:
-                raise _Unsliceable(f"unknown per-token argument {name!r} {tuple(value.shape)}")
-            return value
-        dev = value.device
-        return _index_tensor(value, rule, n, q.to(dev), k.to(dev),
-                             None if block is None else block.to(dev), name)
-    if isinstance(value, (tuple, list)):
-        return type(value)(_index_value(v, rule, n, q, k, block, name) for v in value)
-    if isinstance(value, dict):
-        return {key: _index_value(v, rule, n, q, k, block, f"{name}[{key!r}]")
-                for key, v in value.items()}
-    return value
-
-
-def _indexed_arguments(args: dict, n: int, q: Sequence[int], k: Sequence[int],
-                       block: torch.Tensor | None = None, dtype=torch.float32,
-                       device=None) -> dict:
-    """The recorded arguments for query tokens ``q`` attending to key tokens ``k``.
-
-    ``block`` ``(len(q), len(k))`` bool: extra (query, key) pairs to mask out.
-    """
-    q = torch.as_tensor(list(q), dtype=torch.long)
-    k = torch.as_tensor(list(k), dtype=torch.long)
-    out = {name: _index_value(v, SLICE_RULES.get(name), n, q, k, block, name)
-           for name, v in args.items()}
-    if block is not None and all(out.get(m) is None for m in ("attention_mask", "causal_mask")):
-        # the recorded call had no mask (a causal kernel did the masking): build an additive one
-        if "causal_mask" in out and "attention_mask" not in out:
-            raise _Unsliceable("no attention mask to keep the copies of token t apart")
-        out["attention_mask"] = torch.zeros(block.shape, dtype=dtype, device=device).masked_fill(
-            block.to(device), torch.finfo(dtype).min)[None, None]
-    return out
-
-
-def is_causal(call: BlockCall) -> bool:
-    """Whether the recorded call is causal: token ``t`` sees no token ``> t``.
-
-    Read from the recorded attention mask when there is a ``(.., n, n)`` one (every entry
-    above the diagonal masked: ``False`` or ``<= -1e4``); otherwise from the ``is_causal``
-    flags of the block's attention modules (none -> not causal, the safe answer).
-    """
-    n = call.input.shape[1]
-    if n == 1:
-        return True
-    try:
-        _, args, _ = _bind(call, call.module)
-    except _Unsliceable:
-        args = dict(call.kwargs)
-    masks = args.get("attention_mask", args.get("causal_mask"))
-    masks = list(masks.values()) if isinstance(masks, dict) else [masks]
-    if all(isinstance(m, torch.Tensor) and m.ndim >= 2 and m.shape[-2:] == (n, n) for m in masks):
-        upper = torch.ones(n, n, dtype=torch.bool, device=masks[0].device).triu(1)
-        return all(bool((~m[..., upper]).all()) if m.dtype == torch.bool
-                   else bool((m[..., upper] <= -1e4).all()) for m in masks)
-    flags = [m.is_causal for m in call.module.modules()
-             if isinstance(getattr(m, "is_causal", None), bool)]
-    return bool(flags) and all(flags)
 
 
 # ------------------------------------------------------------------------------------------
@@ -616,57 +449,3 @@ def fast_jacobian(call: BlockCall, t: int = -1, method: str = "vjp", *, t1: int 
     rows by VJP (``method="vjp"``) or columns (``"jvp"``); see :meth:`FastBlock.jacobian`."""
     fb = FastBlock(call, compute_dtype, final_norm)
     return fb.jacobian(t if t1 is None else t1, t, mode=method, chunk=chunk)
-
-
-def resolve_svd_method(method: str, d: int, k: int, device="cpu") -> str:
-    """``auto`` -> the measured fastest exact method for ``(d, K)`` (see BENCHMARKS.md):
-    the full SVD of the dense one-token J below ``FULL_SVD_MAX_D`` or when K is a large
-    fraction of d, ARPACK on the dense J otherwise (:func:`coupling.svd.full_svd_pays`)."""
-    if method not in SVD_METHODS:
-        raise ValueError(f"unknown method {method!r}: use one of {', '.join(SVD_METHODS)}")
-    if method != "auto":
-        return method
-    return "dense" if full_svd_pays(d, k, device) else "dense-lanczos"
-
-
-def fast_svd(fb: FastBlock, k: int, t: int = -1, method: str = "auto", *,
-             n_iter: int = 4, oversample: int = 10, seed: int = 0,
-             chunk: int = DENSE_CHUNK) -> tuple[SVDResult, torch.Tensor | BlockJacobian]:
-    """Top-``k`` triplets of ``J_{tt}`` and the Jacobian they came from (dense or operator).
-
-    ``method``: ``dense`` (one-token dense J, full SVD), ``dense-lanczos`` (one-token dense
-    J, ARPACK on the dense matrix), ``lanczos`` (ARPACK on the one-token operator; nothing
-    d x d), ``randomized`` (subspace iteration, ``n_iter`` power steps; inexact), ``auto``.
-    """
-    method = resolve_svd_method(method, fb.d, k, fb.X.device)
-    if method in ("dense", "dense-lanczos"):
-        J = fb.jacobian(t, t, chunk=chunk)
-        if method == "dense":
-            return svd_of_dense(J, k), J
-        return top_k_svd(J, k, "lanczos", seed=seed), J
-    op = fb.operator(t, t, chunk)
-    if method == "lanczos":
-        return top_k_svd(op, k, "lanczos", seed=seed), op
-    return randomized_svd(op, k, oversample=oversample, n_iter=n_iter, seed=seed), op
-
-
-def fast_depth_coupling(calls: Sequence[BlockCall], k: int, t: int = -1, method: str = "auto",
-                        *, final_norm=None, compute_dtype: torch.dtype = torch.float32,
-                        variants=("normalized", "raw"), **svd_kw) -> dict:
-    """Depth-wise coupling (L x L) of ``J^l_{tt}`` over the recorded ``calls`` (one prompt).
-
-    ``final_norm`` (optional) is folded into the last block only (docs/methods.md, Eq. 7).
-    Returns :func:`coupling.coupling_metrics.depth_coupling`'s dict plus ``"svds"``.
-    """
-    from .coupling_metrics import depth_coupling
-
-    jacs, svds = [], []
-    for i, call in enumerate(calls):
-        norm = final_norm if i == len(calls) - 1 else None
-        fb = FastBlock(call, compute_dtype, norm, name=f"layer {i + 1}")
-        res, J = fast_svd(fb, k, t, method, **svd_kw)
-        jacs.append(J)
-        svds.append(res)
-    out = depth_coupling(jacs, [s.as_tuple() for s in svds], k, variants)
-    out["svds"] = svds
-    return out

@@ -5,7 +5,7 @@ normalized mis-coupling ``depth_mis_coupling_mean`` (m~, lower = more coupled) a
 prompt file had one, a ``difficulty`` column (the scan copies it from the prompt's meta).
 
 For each available predictor (``n_tokens``, ``difficulty``) an ordinary least-squares line
-``m~ = slope * x + intercept`` (``coupling.correlate.linear_fit``: r, R^2, two-sided p of
+``m~ = slope * x + intercept`` (``coupling.fits.linear_fit``: r, R^2, two-sided p of
 slope = 0) and one figure, ``prompt_analysis.png``, with a scatter, the line and its 95%
 confidence band per predictor; the numbers go to ``prompt_analysis.json``.
 
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .correlate import LinearFit, linear_fit
+from .fits import LinearFit, linear_fit
 
 COUPLING = "depth_mis_coupling_mean"
 PREDICTORS = {"n_tokens": "prompt length (tokens)", "difficulty": "prompt difficulty"}
@@ -149,7 +149,8 @@ def prompt_analysis_figure(res: PromptAnalysis, title: str = ""):
 def draw_prompt_analysis(scan_dir, out_dir=None, column: str = COUPLING) -> list[Path]:
     """Write ``prompt_analysis.png`` and ``prompt_analysis.json`` for a finished scan into
     ``out_dir`` (default ``scan_dir/figures``); returns the paths written."""
-    from .report import load_scan, model_label
+    from .figures.common import model_label
+    from .figures.scans import load_scan
 
     scan = load_scan(scan_dir)
     res = analyze_prompts(scan.summary, column)

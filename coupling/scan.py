@@ -28,41 +28,26 @@ from .analysis import ScanSettings, analyze_prompt, jacobian_function_report
 from .loading import LoadedModel, load_model
 from .prompts import Prompt, load_prompts, tokenize_prompt
 from .owned import LocalTree, check_replaceable, remove_owned, root_kind
+from .settings import check_keys, names, settings_dataclass
 from .results import ScanResult, check_output_dir, read_scan_output, write_scan_output
 from .store import ShardStore, plan_shards
 
-SETTINGS_KEYS = {f.name for f in dataclasses.fields(ScanSettings)}
+SETTINGS_KEYS = names("analysis")      # the YAML keys that go to ScanSettings
 LOCAL_SHARD_SIZE = 1     # every finished prompt is saved at once (a crash loses at most one)
 
 
-@dataclass
+@settings_dataclass("scan")
 class ScanConfig:
-    model: str | None = None          # hub id or folder; None = the embedded tiny model
-    revision: str | None = None
-    dtype: str = "float32"
-    random_init: bool = False
-    init_seed: int = 0
-    trust_remote_code: bool = False
-    block_path: str | None = None
-    prompts: str = "builtin"
-    max_prompts: int | None = None
-    prompt_seed: int | None = None
-    max_tokens: int | None = None     # truncate prompts to their first N tokens
-    out: str | None = None
-    overwrite: bool = False
-    figures: bool = True
-    threads: int | None = None        # torch intra-op threads; None: 1 for d <= 256, else torch's default
-    fail_fast: bool = False           # the first failing prompt stops the scan (else: failures.json)
+    """One local scan: the ``scan`` settings of :mod:`coupling.settings` (model, prompts,
+    output; listed there once, with their help) and the per-prompt ``settings``."""
+
     settings: ScanSettings = field(default_factory=ScanSettings)
 
     @classmethod
     def from_dict(cls, d: dict) -> "ScanConfig":
+        """From a flat mapping of ``scan`` and ``analysis`` keys (a YAML file, the flags)."""
         d = dict(d)
-        known = {f.name for f in dataclasses.fields(cls)} - {"settings"}
-        bad = [k for k in d if k not in known and k not in SETTINGS_KEYS]
-        if bad:
-            raise ValueError(f"unknown config key(s) {bad}: valid keys are "
-                             f"{', '.join(sorted(known | SETTINGS_KEYS))}")
+        check_keys(d, ("scan", "analysis"))
         settings = ScanSettings(**{k: d.pop(k) for k in list(d) if k in SETTINGS_KEYS})
         return cls(**d, settings=settings)
 

@@ -82,7 +82,6 @@ def shaped_config(shape: str, n_layers: int | None = None):
 
 def build_random(config, seed: int = 0, dtype=torch.float32):
     """A random-init model (eager attention, eval mode) for ``config``."""
-    import transformers as tf
 
     from .loading import _model_class
 

@@ -19,41 +19,26 @@ A single ``model:`` (the local scan's key) is accepted instead of ``models:`` so
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from coupling.scan import SETTINGS_KEYS, ScanConfig
+from coupling.scan import ScanConfig
+from coupling.settings import BY_NAME, check_keys, names, settings_dataclass
 
 # Keys of the local scan that belong to a model (a models[] entry may set them).
-MODEL_KEYS = ("dtype", "random_init", "init_seed", "trust_remote_code", "block_path")
-PLACEMENT_KEYS = ("placement", "stages", "replicas")
+MODEL_KEYS = tuple(s.name for s in BY_NAME.values() if s.per_model and s.group == "scan")
+PLACEMENT_KEYS = tuple(s.name for s in BY_NAME.values() if s.per_model and s.group == "ray")
 ENTRY_KEYS = {"id", "path", "revision", "revisions", *MODEL_KEYS, *PLACEMENT_KEYS}
-PLACEMENTS = ("auto", "replicas", "stages")
+PLACEMENTS = BY_NAME["placement"].choices
 
 
-@dataclass
+@settings_dataclass("ray")
 class RayOptions:
-    """How work is spread over the cluster (top-level YAML keys of the same names)."""
-
-    placement: str = "auto"          # auto | replicas | stages (per model, overridable)
-    stages: int | None = None        # force block-range placement with this many stages
-    replicas: int | None = None      # force replica placement with this many actors
-    shard_size: int = 8              # prompts per shard
-    cpus_per_actor: float = 1
-    gpus_per_actor: float | None = None   # None: GPUs if the cluster has them; 0: CPU only
-    node_memory_gb: float | None = None   # override usable memory per node (per GPU with GPUs)
-    gpu_memory_gb: float | None = None    # memory per GPU when Ray cannot tell
-    max_restarts: int = 2            # actor restarts after a crash
-    max_task_retries: int = 2        # retries of a task whose actor died
-    max_in_flight: int | None = None  # stages: coupled prompts awaiting collection (default 2)
-    placement_timeout_s: float = 600  # wait for the cluster (autoscaler) to offer resources
-    autoscaler_config: str | None = None  # launcher YAML (default: the head's bootstrap copy)
-    staging_dir: str | None = None   # local copy when `out` is a cloud URI
-    address: str | None = None       # Ray address (the CLI's --address wins)
+    """How work is spread over the cluster: the ``ray`` settings of :mod:`coupling.settings`
+    (top-level YAML keys of the same names; listed there once, with their help)."""
 
     def __post_init__(self):
         if self.placement not in PLACEMENTS:
@@ -70,7 +55,7 @@ class RayOptions:
             raise ValueError("give either stages or replicas, not both")
 
 
-RAY_KEYS = {f.name for f in dataclasses.fields(RayOptions)}
+RAY_KEYS = names("ray")
 
 
 @dataclass
@@ -104,16 +89,11 @@ def parse_config(data: dict, *, out: str | None = None, address: str | None = No
     if not isinstance(data, dict):
         raise ValueError("the config must be a mapping of keys")
     data = {**data, **{k: v for k, v in (overrides or {}).items() if v is not None}}
-    scan_keys = {f.name for f in dataclasses.fields(ScanConfig)} - {"settings"}
-    known = scan_keys | SETTINGS_KEYS | RAY_KEYS | {"models"}
-    bad = sorted(k for k in data if k not in known)
-    if bad:
-        raise ValueError(f"unknown config key(s) {bad}: valid keys are "
-                         f"{', '.join(sorted(known))}")
+    check_keys(data, ("scan", "analysis", "ray"), extra=("models",))
     ray_opts = RayOptions(**{k: data[k] for k in RAY_KEYS if k in data})
     if address is not None:
         ray_opts.address = address
-    shared = {k: v for k, v in data.items() if k in scan_keys | SETTINGS_KEYS}
+    shared = {k: v for k, v in data.items() if k in names("scan", "analysis")}
     out = out or shared.pop("out", None) or os.path.join("runs", "ray-" + _stamp())
     shared.pop("out", None)
     overwrite = bool(shared.pop("overwrite", False))

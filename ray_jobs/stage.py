@@ -215,17 +215,21 @@ class StageModel:
 
     # -- step 2: Jacobians and SVDs ------------------------------------------------------
     def jacobians(self, fwd: StageForward, settings: ScanSettings,
-                  functions: dict | None = None) -> dict:
+                  functions: dict | None = None, deflation: dict | None = None) -> dict:
         """``{t: {l: J^l_{tt}}}`` of the owned layers: dense on the exact path, else
         matrix-free operators (cheap to build: one block call per layer captures the prefix
         keys/values of the one-token function).  ``functions`` is filled with
-        ``{l: [kind, reason]}`` (see ``coupling.analysis.layer_jacobians``)."""
+        ``{l: [kind, reason]}`` (see ``coupling.analysis.layer_jacobians``), ``deflation``
+        with the owned layers' ``--deflate-ln`` records (``PromptResult.deflation``)."""
         rec = self.record(fwd)
         kind = norm_kind(self.model)
         blocks = {}   # one FastBlock per layer, shared by every traced token
-        return {t: layer_jacobians(rec, self.layers, t, settings, self.model, kind, blocks,
-                                   functions)
-                for t in traced_tokens(rec.n_tokens, settings)}
+        out = {t: layer_jacobians(rec, self.layers, t, settings, self.model, kind, blocks,
+                                  functions)
+               for t in traced_tokens(rec.n_tokens, settings)}
+        if deflation is not None:
+            deflation.update(rec.cache.get("deflation", {}))
+        return out
 
     def decompose(self, fwd: StageForward, settings: ScanSettings) -> tuple:
         """Top-K factors (shipped) of the owned layers per traced token, and what to keep.
@@ -236,14 +240,15 @@ class StageModel:
         ``kept["functions"]`` says which function each was taken of; ``factors`` is
         ``{t: {l: SVDResult}}`` on the CPU (``U, S, V``, ``s_{K+1}``, any ARPACK fall-back).
         """
-        functions = {}
-        jacobians = self.jacobians(fwd, settings, functions)
+        functions, deflation = {}, {}
+        jacobians = self.jacobians(fwd, settings, functions, deflation)
         factors, dense = {}, True
         for t, jac in jacobians.items():
             svds = layer_svds(jac, settings)
             factors[t] = {l: s.to("cpu") for l, s in svds.items()}
             dense = dense and all(isinstance(J, torch.Tensor) for J in jac.values())
-        return {"J": jacobians if dense else None, "functions": functions}, factors
+        return ({"J": jacobians if dense else None, "functions": functions,
+                 "deflation": deflation}, factors)
 
     # -- step 3: coupling rows (+ regularity on the last stage) --------------------------
     def couple(self, fwd: StageForward, kept: dict | None, all_factors: list,
@@ -255,7 +260,7 @@ class StageModel:
         the spectra of the owned layers at the last token (what the scan reports), and
         ``"flags"``: their ``coupling.analysis.spectral_flags`` per traced token.
         """
-        kept = kept or {"J": None, "functions": {}}
+        kept = kept or {"J": None, "functions": {}, "deflation": {}}
         jacobians = kept["J"] if kept["J"] is not None else self.jacobians(fwd, settings)
         norm_rows, raw_rows, flags = [], [], []
         for t, jac in jacobians.items():
@@ -268,7 +273,8 @@ class StageModel:
         spectra = {l: f for part in all_factors for l, f in part[last].items()
                    if l in self.layers}
         return {"normalized": np.mean(norm_rows, axis=0), "raw": np.mean(raw_rows, axis=0),
-                "spectra": spectra, "flags": flags, "functions": kept["functions"]}
+                "spectra": spectra, "flags": flags, "functions": kept["functions"],
+                "deflation": kept.get("deflation", {})}
 
     def regularity(self, fwd: StageForward, trajectory: torch.Tensor, settings: ScanSettings,
                    prompt_id: str, meta: dict) -> PromptResult:
@@ -324,6 +330,7 @@ def assemble(prompt_id: str, n_tokens: int, meta: dict, rows: list,
         record_spectra(res, spectra, flags)
         res.jacobian_functions["depth"] = {l: f for r in rows
                                            for l, f in r.get("functions", {}).items()}
+        res.deflation = {l: d for r in rows for l, d in r.get("deflation", {}).items()}
     if tokens is not None:
         res.tokens = tokens.tokens
         res.meta["token_layers"] = tokens.meta["token_layers"]

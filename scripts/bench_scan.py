@@ -99,7 +99,7 @@ def product_cost(rec, t, jacobian, chunk, repeats=3):
 def fast_scan(calls, k, method, t, compute_dtype=None):
     import torch
 
-    from coupling.fastpath import fast_depth_coupling
+    from coupling.fastpath_svd import fast_depth_coupling
 
     kw = {}
     if method.startswith("randomized-q"):

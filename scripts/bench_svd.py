@@ -303,7 +303,8 @@ def run_config(d, n, ks, args, log):
     from torch.func import vjp, vmap
 
     from coupling.blocks import residual_branch
-    from coupling.fastpath import FastBlock, fast_svd
+    from coupling.fastpath import FastBlock
+    from coupling.fastpath_svd import fast_svd
     from coupling.jacobian import BlockJacobian, exact_jacobians
     from coupling.svd import SVDResult, svd_of_dense
 

@@ -47,8 +47,8 @@ def main(argv=None) -> int:
     rows = [("GPT-2 style (tiny)", "trained", None, False),
             ("GPT-2 style (tiny)", "random init", None, True),
             ("BERT style (post-LN)", "random init", bert, False)]
-    print(f"| model | weights | deflate-ln | mean m̃ | LSS | undetermined layers / prompt "
-          f"| smallest s_K/s_K+1 |")
+    print("| model | weights | deflate-ln | mean m̃ | LSS | undetermined layers / prompt "
+          "| smallest s_K/s_K+1 |")
     print("|---|---|---|---|---|---|---|")
     for name, weights, model, random_init in rows:
         for deflate in (False, True):

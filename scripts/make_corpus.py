@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import ast
 import hashlib
-import inspect
 import io
 import os
 import random

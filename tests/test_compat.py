@@ -15,6 +15,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from transformers.cache_utils import Cache
 
 from coupling.analysis import ScanSettings, analyze_prompt, jacobian_function_report
 from coupling.blocks import CACHE_NAMES, CallRecorder, cache_parameter, find_blocks
@@ -55,7 +56,7 @@ class _RenamedCacheBlock(nn.Module):
         self.inner = inner
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None,
-                kv_memory: "Cache | None" = None, position_embeddings=None, **kwargs):  # noqa: F821
+                kv_memory: Cache | None = None, position_embeddings=None, **kwargs):
         for name in CACHE_NAMES:        # what the model passes under the real name
             kwargs.pop(name, None)
         return self.inner(hidden_states, attention_mask=attention_mask,

@@ -10,11 +10,9 @@ import pytest
 from scipy import stats
 
 from coupling.cli import add_correlate_parser
-from coupling.correlate import (
-    HYPERPARAMS, PAPER_TABLE, apply_subset, exponential_fit,
-    hyperparameter_correlations, join_scores, linear_fit, load_results, load_scores,
-    run_correlate,
-)
+from coupling.correlate import run_correlate
+from coupling.fits import HYPERPARAMS, exponential_fit, hyperparameter_correlations, linear_fit
+from coupling.model_table import PAPER_TABLE, apply_subset, join_scores, load_results, load_scores
 
 TABLE1_COLUMNS = ["params_b", "layers", "d_model", "train_tokens_t"]
 

@@ -9,7 +9,6 @@ candidates match only at g = 1 and small weights.
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from coupling.analysis import ScanSettings, analyze_prompt, layer_function
 from coupling.deflation import (TOL, DeflatedOperator, deflate, deflate_block, deflation_basis,

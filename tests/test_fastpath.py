@@ -8,8 +8,10 @@ from torch import nn
 
 from coupling.blocks import BlockCall, CallRecorder, residual_branch
 from coupling.coupling_metrics import depth_coupling
-from coupling.fastpath import (FastBlock, NotCausalError, TokenJacobian, fast_depth_coupling,
-                               fast_jacobian, fast_operator, fast_svd, is_causal, token_function)
+from coupling.fastpath import (FastBlock, NotCausalError, TokenJacobian, fast_jacobian,
+                               fast_operator, token_function)
+from coupling.fastpath_svd import fast_depth_coupling, fast_svd
+from coupling.hf_call import is_causal
 from coupling.jacobian import BlockJacobian, exact_jacobians
 from coupling.loading import LoadedModel, parse_dtype
 from coupling.svd import svd_of_dense
@@ -228,7 +230,7 @@ def test_final_norm_folded_into_the_last_block():
 
 @pytest.mark.parametrize("dtype", [torch.bool, torch.float32])
 def test_copies_of_a_token_see_the_prefix_and_themselves_only(dtype):
-    from coupling.fastpath import _indexed_arguments
+    from coupling.hf_call import _indexed_arguments
 
     n, t, B = 5, 3, 3
     allowed = torch.ones(n, n, dtype=torch.bool).tril()            # causal

@@ -55,6 +55,8 @@ def test_stages_reproduce_analyze_prompt_exactly(family_model, token):
             _equal(got.spectral_flags[key], ref.spectral_flags[key])
         assert got.summary == ref.summary and list(got.summary) == list(ref.summary)
         assert got.meta == ref.meta
+        assert got.jacobian_functions == ref.jacobian_functions
+        assert got.deflation == ref.deflation and bool(ref.deflation) == settings.deflate_ln
         for key in ref.layers:
             _equal(got.layers[key], ref.layers[key])
         for key in ref.tokens:

@@ -49,7 +49,7 @@ def test_two_stages_match_local_and_write_to_a_uri(ray_address, ray_model_dir,
     assert rep["placement"]["kind"] == "stages" and rep["placement"]["ranges"] == [[0, 2], [2, 4]]
     fs = fsspec.filesystem("memory")
     assert fs.exists(f"/coupling-test/run2/{key}/depth_coupling.npz")
-    assert fs.exists(f"/coupling-test/run2/models.parquet")
+    assert fs.exists("/coupling-test/run2/models.parquet")
     assert len(fs.glob(f"/coupling-test/run2/_shards/{key}/shard-*.npz")) == 2
     assert not (tmp_path / "staging").exists() or not any((tmp_path / "staging").iterdir())
     fetched = tmp_path / "fetched"

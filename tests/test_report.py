@@ -17,10 +17,13 @@ from matplotlib.image import imread
 
 from coupling.cli import add_report_parser
 from coupling import report
-from coupling.report import (CBAR_LABEL, AXIS_L, AXIS_LP, adjacency_weights, band,
-                             color_limits, depth_coupling_figure, draw_figures,
-                             draw_training_figures, find_sibling, layer_curves_figure,
-                             layer_matrix, load_scan, model_label, prompt_index)
+from coupling.figures import training
+from coupling.figures.common import AXIS_L, AXIS_LP, CBAR_LABEL, band, color_limits, model_label
+from coupling.figures.depth import depth_coupling_figure
+from coupling.figures.layers import layer_curves_figure, layer_matrix
+from coupling.figures.scans import find_sibling, load_scan, prompt_index
+from coupling.figures.training import adjacency_weights, draw_training_figures
+from coupling.report import draw_figures
 
 SCAN_PNGS = ["depth_coupling.png", "token_coupling.png", "layer_curves.png",
              "pca_trajectories.png", "singular_values.png"]
@@ -340,9 +343,9 @@ def test_training_figures(step_dirs, tmp_path):
 
 
 def test_coupling_vs_step_plots_one_minus_mean_m(step_dirs):
-    runs = report.load_runs(step_dirs)
+    runs = training.load_runs(step_dirs)
     assert [s for s, _ in runs] == [1, 4000, 143000]
-    fig = report.coupling_vs_step_figure(runs)
+    fig = training.coupling_vs_step_figure(runs)
     ax = fig.axes[0]
     expected = [1 - r.summary["depth_mis_coupling_mean"].mean() for _, r in runs]
     np.testing.assert_allclose(ax.lines[0].get_ydata(), expected)
@@ -376,9 +379,9 @@ def test_training_input_errors(step_dirs, tmp_path):
 
 def test_adjacency_steps_default_first_geometric_middle_last():
     steps = [128, 256, 512, 1000, 2000, 4000, 8000, 16000, 143000]
-    assert report.adjacency_selection(steps) == [128, 4000, 143000]
-    assert report.adjacency_selection([5, 0]) == [0, 5]
-    assert report.adjacency_selection(steps, [4000]) == [4000]
+    assert training.adjacency_selection(steps) == [128, 4000, 143000]
+    assert training.adjacency_selection([5, 0]) == [0, 5]
+    assert training.adjacency_selection(steps, [4000]) == [4000]
 
 
 def test_png_check_rejects_a_blank_figure(tmp_path):

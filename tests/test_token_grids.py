@@ -14,7 +14,7 @@ from coupling.analysis import (ScanSettings, analyze_prompt, _token_jacobians, f
 from coupling.coupling_metrics import (context_coupling_fixed_input,
                                        context_coupling_fixed_output, token_grid_pairs,
                                        token_self_coupling)
-from coupling.fastpath import is_causal
+from coupling.hf_call import is_causal
 from coupling.jacobian import exact_jacobians, exact_jacobians_from_input
 from coupling.loading import LoadedModel
 from coupling.svd import svd_of_dense
