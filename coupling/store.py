@@ -9,6 +9,11 @@ dataclass fields (``PromptResult`` and whatever fields it gains): an array becom
 a dict / list / tuple is walked, a JSON scalar stays JSON; anything else is refused when
 written.
 
+A shard may also list prompts whose analysis failed (``failures``: one JSON record per
+prompt, ``{prompt_id, layer, error}``, as ``coupling.scan.failure_record`` writes them); its
+``prompt_ids`` are then the prompts that succeeded.  Shards written before failures were
+recorded have no such list (none failed).
+
 ``plan.json`` beside the shards fixes which prompts each shard holds and the settings; a
 rerun with the same plan skips every shard whose file exists, a different plan is refused.
 Only files named ``plan.json`` / ``shard-NNNNN.npz`` are ever read; anything else in the
@@ -99,19 +104,36 @@ def decode(cls, tree: dict, arrays):
     return cls(**{k: _decode(v, arrays, k) for k, v in tree.items()})
 
 
-def write_shard(path, prompt_ids: list, items: list):
-    """``items`` (dataclass instances, one per prompt id) into one ``.npz`` (atomic)."""
+def write_shard(path, prompt_ids: list, items: list, failures=()):
+    """``items`` (dataclass instances, one per prompt id) and the ``failures`` records of the
+    shard's failed prompts into one ``.npz`` (atomic)."""
     arrays: dict = {}
     doc = {"format": SHARD_FORMAT, "prompt_ids": list(prompt_ids),
            "items": [encode(r, arrays) for r in items]}
+    if failures:             # absent when none failed: the same bytes as before failures
+        doc["failures"] = [_failure(f, "failures") for f in failures]
     arrays[INDEX] = np.array(json.dumps(doc))
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     atomic_write(path, buf.getvalue())
 
 
+def _failure(record, where: str) -> dict:
+    """A failure record as stored: a JSON object naming its prompt (anything else refused)."""
+    if not isinstance(record, dict) or not isinstance(record.get("prompt_id"), str):
+        raise ShardError(f"{where}: a failure record must be a mapping with a prompt_id")
+    return json.loads(json.dumps(record))       # JSON only, and a copy
+
+
 def read_shard(path, cls) -> tuple[list, list]:
     """``(prompt_ids, items)`` of a shard file; never unpickles (``allow_pickle=False``)."""
+    ids, items, _ = read_shard_failures(path, cls)
+    return ids, items
+
+
+def read_shard_failures(path, cls) -> tuple[list, list, list]:
+    """``(prompt_ids, items, failures)`` of a shard file (``failures``: [] in a shard written
+    before failures were recorded)."""
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
@@ -119,7 +141,8 @@ def read_shard(path, cls) -> tuple[list, list]:
         if not isinstance(doc, dict) or doc.get("format") != SHARD_FORMAT:
             raise ShardError("not a coupling shard")
         ids, items = doc["prompt_ids"], doc["items"]
-        return ids, [decode(cls, t, arrays) for t in items]
+        failures = [_failure(f, "failures") for f in doc.get("failures", [])]
+        return ids, [decode(cls, t, arrays) for t in items], failures
     except (ShardError, ValueError, KeyError, TypeError, OSError, EOFError) as e:
         raise ShardError(f"{path} is not a shard this project wrote ({str(e).splitlines()[0]}): "
                          "delete it to recompute its prompts") from None
@@ -153,6 +176,14 @@ def plan_shards(prompts, token_ids, size: int) -> list:
                             [[int(t) for t in np.asarray(x).reshape(-1).tolist()] for x in ids],
                             [{**p.meta, "text": p.text} for p in batch]))
     return shards
+
+
+def _succeeded(shard: Shard, failures) -> list:
+    """The shard's prompt ids less those of ``failures`` (each a prompt of the shard)."""
+    failed = [f["prompt_id"] for f in failures]
+    if any(pid not in shard.prompt_ids for pid in failed) or len(set(failed)) != len(failed):
+        return [None]                  # matches no list of results: the caller's error
+    return [pid for pid in shard.prompt_ids if pid not in failed]
 
 
 class ShardStore:
@@ -194,32 +225,46 @@ class ShardStore:
     def done(self, shards) -> set:
         return {s.index for s in shards if self.path(s).is_file()}
 
-    def write(self, shard: Shard, results) -> Path:
+    def write(self, shard: Shard, results, failures=()) -> Path:
+        """The shard's ``results`` and the ``failures`` records of its other prompts."""
+        failures = [_failure(f, shard.name) for f in failures]
         ids = [r.prompt_id for r in results]
-        if ids != shard.prompt_ids:
-            raise RuntimeError(f"{shard.name}: results for {ids} do not match its prompts "
+        if ids != _succeeded(shard, failures):
+            raise RuntimeError(f"{shard.name}: results for {ids} and failures for "
+                               f"{[f['prompt_id'] for f in failures]} do not match its prompts "
                                f"{shard.prompt_ids}")
         path = self.path(shard)
-        write_shard(path, ids, list(results))
+        write_shard(path, ids, list(results), failures)
         return path
 
     def read(self, shard: Shard) -> list:
-        ids, results = read_shard(self.path(shard), self.result_type)
-        if ids != shard.prompt_ids or [r.prompt_id for r in results] != ids:
-            raise ShardError(f"{self.path(shard)} holds prompts {ids}, the plan says "
+        return self.read_with_failures(shard)[0]
+
+    def read_with_failures(self, shard: Shard) -> tuple[list, list]:
+        """``(results, failures)`` of a finished shard, checked against the plan."""
+        ids, results, failures = read_shard_failures(self.path(shard), self.result_type)
+        if ids != _succeeded(shard, failures) or [r.prompt_id for r in results] != ids:
+            raise ShardError(f"{self.path(shard)} holds prompts {ids} (failed: "
+                             f"{[f['prompt_id'] for f in failures]}), the plan says "
                              f"{shard.prompt_ids}: delete it to recompute them")
-        return results
+        return results, failures
 
     def read_all(self, shards) -> list:
         """Every prompt's result in plan order; each shard read exactly once."""
+        return self.read_all_with_failures(shards)[0]
+
+    def read_all_with_failures(self, shards) -> tuple[list, list]:
+        """``(results, failures)`` of every shard, in plan order; each shard read once."""
         self.report_foreign()
-        results = []
+        results, failures = [], []
         for s in shards:
-            results.extend(self.read(s))
+            r, f = self.read_with_failures(s)
+            results.extend(r)
+            failures.extend(f)
         ids = [r.prompt_id for r in results]
         if len(set(ids)) != len(ids):
             raise ShardError(f"duplicate prompt ids in {self.root}: prompt ids must be unique")
-        return results
+        return results, failures
 
     def foreign(self) -> list:
         """Entries of the folder that are not the store's own (never read)."""

@@ -33,8 +33,9 @@ class ReplicaWorker:
     """One full copy of a model; analyses whole shards with ``coupling.analyze_prompt``.
 
     Every ``run`` names its model (``spec``: ``source, revision, dtype, random_init,
-    init_seed, trust_remote_code, settings``) and the worker loads it when it differs from
-    the one held -- so one pool serves consecutive models, and a restarted worker reloads.
+    init_seed, trust_remote_code, settings, fail_fast``) and the worker loads it when it
+    differs from the one held -- so one pool serves consecutive models, and a restarted
+    worker reloads.
     """
 
     def __init__(self, threads: int | None = 1, use_gpu: bool = False):
@@ -69,13 +70,26 @@ class ReplicaWorker:
             return None
         return spec.get("device_map") or "auto"
 
-    def run(self, spec: dict, shard) -> list:
-        """``PromptResult`` per prompt of ``shard``, in order."""
+    def run(self, spec: dict, shard) -> tuple[list, list]:
+        """``(results, failures)``: ``PromptResult`` per prompt of ``shard`` that succeeded,
+        in order, and a ``failure_record`` per prompt whose analysis raised -- the others go
+        on, as in the local scan; with ``spec["fail_fast"]`` the first failure raises
+        ``PromptFailed``."""
+        from coupling.scan import PromptFailed, _first_line, failure_record
+
         self._load(spec)
-        out = []
+        out, failures = [], []
         for pid, ids, meta in zip(shard.prompt_ids, shard.token_ids, shard.metas):
-            out.append(analyze_prompt(self.lm, torch.tensor([ids]), spec["settings"], pid, meta))
-        return out
+            try:
+                out.append(analyze_prompt(self.lm, torch.tensor([ids]), spec["settings"], pid,
+                                          meta))
+            except Exception as e:   # noqa: BLE001 -- any failure of one prompt is isolated
+                if spec.get("fail_fast"):
+                    raise PromptFailed(f"prompt {pid} failed ({_first_line(e)}); without "
+                                       "fail_fast it is recorded in failures.json and the "
+                                       "scan goes on") from None
+                failures.append(failure_record(pid, e))
+        return out, failures
 
 
 class StageWorker:

@@ -39,7 +39,9 @@ def _first_line(e) -> str:
 
 def _raise_task_error(e):
     """A RayTaskError carries the actor's exception: re-raise that (one-line CLI error)."""
+    from coupling.scan import PromptFailed
+
     cause = getattr(e, "cause", None)
-    if isinstance(cause, (ValueError, FloatingPointError)):
+    if isinstance(cause, (ValueError, FloatingPointError, PromptFailed)):
         raise cause
     raise RuntimeError(_first_line(e)) from None

@@ -27,11 +27,14 @@ MODEL_COLUMNS = ("model", "revision", "params", "layers", "d_model", "coupling_m
                  "n_prompts")
 
 
-def write_model_output(folder, job, info: dict, results, timings: dict, ray_info: dict) -> Path:
-    """``OUT/<key>/`` via ``write_scan_output`` (atomic), manifest extended with ``ray``."""
+def write_model_output(folder, job, info: dict, results, timings: dict, ray_info: dict,
+                       failures=()) -> Path:
+    """``OUT/<key>/`` via ``write_scan_output`` (atomic), manifest extended with ``ray``;
+    ``failures`` (a ``failure_record`` per failed prompt) go to its ``failures.json``."""
     manifest = build_manifest(job.scan, info, timings, results)
     manifest["ray"] = ray_info
-    out = write_scan_output(folder, manifest, results, overwrite=True)
+    manifest["prompts"] = {"total": len(results) + len(failures), "failed": len(failures)}
+    out = write_scan_output(folder, manifest, results, overwrite=True, failures=failures)
     if job.scan.figures:
         from coupling.report import draw_figures
         draw_figures(out)

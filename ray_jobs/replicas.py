@@ -51,7 +51,8 @@ def _model_spec(job) -> dict:
     sc = job.scan
     return dict(source=job.source, revision=sc.revision, dtype=sc.dtype,
                 random_init=sc.random_init, init_seed=sc.init_seed,
-                trust_remote_code=sc.trust_remote_code, settings=sc.settings)
+                trust_remote_code=sc.trust_remote_code, settings=sc.settings,
+                fail_fast=sc.fail_fast)
 
 
 def _run_replicas(job, f, placement, todo, opts, pool, on_shard, rep, prog):
@@ -92,7 +93,7 @@ def _run_replicas(job, f, placement, todo, opts, pool, on_shard, rep, prog):
         ready, _ = ray.wait(list(pending), num_returns=1)
         shard, i = pending.pop(ready[0])
         try:
-            results = ray.get(ready[0])
+            results, failures = ray.get(ready[0])
         except RayTaskError as e:
             _raise_task_error(e)
         except RayActorError:
@@ -104,7 +105,7 @@ def _run_replicas(job, f, placement, todo, opts, pool, on_shard, rep, prog):
                 raise RuntimeError(f"every replica of {job.source} died: rerun the same "
                                    "command to resume (finished shards are kept)") from None
         else:
-            on_shard(shard, results)
+            on_shard(shard, results, failures)
         for j in sorted(alive, key=load):
             while load(j) < 2 and queue:
                 submit(j)

@@ -105,8 +105,8 @@ def run_scan(cfg: RayScanConfig, progress: bool = True, dry_run: bool = False,
                 prog = Progress(job.key, shards, done, quiet=not progress)
                 t0 = time.perf_counter()
 
-                def on_shard(shard, results, store=store, prog=prog, rep=rep):
-                    path = store.write(shard, results)
+                def on_shard(shard, results, failures=(), store=store, prog=prog, rep=rep):
+                    path = store.write(shard, results, failures)
                     output.push(path.relative_to(output.local).as_posix())
                     rep["shards_computed"] += 1
                     rep["prompts_computed"] += len(shard)
@@ -120,8 +120,8 @@ def run_scan(cfg: RayScanConfig, progress: bool = True, dry_run: bool = False,
                                 rep, prog)
                 rep["seconds"] = time.perf_counter() - t0
                 rep["prompts_per_s"] = prog.rate
-            results = store.read_all(shards)
-            rows.append(_reduce(job, f, results, output, rep))
+            results, failures = store.read_all_with_failures(shards)
+            rows.append(_reduce(job, f, results, failures, output, rep))
         from .reduce import write_models_table
         write_models_table(output.local, rows)
         output.push("models.parquet")
@@ -140,14 +140,27 @@ def run_scan(cfg: RayScanConfig, progress: bool = True, dry_run: bool = False,
 # ------------------------------------------------------------------------------------------
 # Reduce
 # ------------------------------------------------------------------------------------------
-def _reduce(job, f, results, output, rep) -> dict:
+def _reduce(job, f, results, failures, output, rep) -> dict:
+    """``OUT/<key>/`` of one model; its failed prompts (resumed shards' included) are counted
+    in ``rep`` and listed in its ``failures.json``."""
+    from coupling.scan import PromptFailed
+
     from .reduce import model_row, write_model_output
+
+    rep["prompts_failed"], rep["prompts_total"] = len(failures), len(results) + len(failures)
+    rep["failures_file"] = f"{job.scan.out}/failures.json"
+    if not results:
+        first = failures[0]
+        raise PromptFailed(f"all {len(failures)} prompts of {job.key} failed (first: "
+                           f"{first['prompt_id']}: {first['error']})")
 
     timings = {"per_prompt_s": (rep.get("seconds", 0) / rep["prompts_computed"])
                if rep.get("prompts_computed") else None,
                "analysis_s": rep.get("seconds"), "prompts_per_s": rep.get("prompts_per_s")}
-    ray_info = {"key": job.key, **{k: v for k, v in rep.items() if k != "actors"}}
-    folder = write_model_output(output.local / job.key, job, f.info, results, timings, ray_info)
+    ray_info = {"key": job.key, **{k: v for k, v in rep.items()
+                                   if k not in ("actors", "failures_file")}}
+    folder = write_model_output(output.local / job.key, job, f.info, results, timings, ray_info,
+                                failures)
     output.push(job.key)
     import pandas as pd
     return model_row(job, f.info, pd.read_parquet(folder / "summary.parquet"))
@@ -207,6 +220,7 @@ def main(argv=None, workers: dict | None = None) -> int:
         return 2
     if not report.get("dry_run"):
         print_report(report)
+        return exit_code(report)
     return 0
 
 
@@ -237,8 +251,10 @@ def run_from_cli(config_dict: dict, address: str | None = None, dry_run: bool = 
         return 0
     if flat:
         report["out"] = str(_move_single_result(cfg, Path(final)))
+        for rep in report["models"].values():
+            rep["failures_file"] = str(Path(final) / "failures.json")
     print_report(report)
-    return 0
+    return exit_code(report)
 
 
 def _move_single_result(cfg, final: Path) -> Path:
@@ -264,9 +280,17 @@ def print_report(report: dict):
         rate = f", {rep['prompts_per_s']:.2f} prompts/s" if rep.get("prompts_per_s") else ""
         print(f"{key}: {how}; shards computed {rep['shards_computed']}, skipped "
               f"{rep['shards_skipped']} of {rep['shards_total']}{rate}")
+        if rep.get("prompts_failed"):
+            print(f"{key}: failed {rep['prompts_failed']} of {rep['prompts_total']} prompts "
+                  f"(listed in {rep['failures_file']})")
     cols = ["model", "revision", "coupling_mean", "coupling_raw_mean", "lss_mean", "n_prompts"]
     print(table[cols].to_string(index=False))
     print(f"results in {report['out']}")
+
+
+def exit_code(report: dict) -> int:
+    """3 when the scan finished but some prompts failed (as the local scan), else 0."""
+    return 3 if any(r.get("prompts_failed") for r in report["models"].values()) else 0
 
 
 def _one_line(e) -> str:

@@ -5,7 +5,8 @@ CPU float32 the arrays are compared with atol=1e-6 (measured difference: exactly
 replica placement is checked the same way in ``test_ray_job_submit.py``.  Faults (injected
 by the tests' own actor subclasses, ``ray_faults.py``): a stage actor and a replica that
 crash mid-scan, and a driver killed mid-scan (SIGKILL), must still give every prompt exactly
-once.
+once.  A prompt that really fails on a replica is recorded in ``failures.json`` and the
+others equal the local scan of them alone (exit code 3; ``--fail-fast``: exit code 2).
 """
 import json
 import pickle
@@ -15,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -24,11 +26,13 @@ from ray_fixtures import (assert_models_row, assert_same_as_local, free_port, ra
                           subprocess_env)
 from ray_faults import crashing
 from test_store import Plant
+import test_resume
 from ray_jobs.config import parse_config
 from ray_jobs.placement import PlacementError
 from ray_jobs.scan import run_scan
 
 ROOT = Path(__file__).resolve().parents[1]
+degenerate = test_resume.degenerate     # the fixture: a model with one failing prompt
 
 
 def _run(tmp_path, model_dir, name, workers=None, **extra):
@@ -189,3 +193,49 @@ def test_coupling_scan_ray_of_one_model_writes_the_local_layout(ray_address, ray
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["jacobians"]["line"] == "one-token on 4/4 layers"
     assert coupling_main(argv) == 2          # a finished scan is not overwritten silently
+
+
+def test_a_failing_prompt_on_a_replica_is_recorded_and_the_others_finish(
+        ray_address, degenerate, tmp_path, capsys):
+    """A prompt whose analysis really fails (``test_resume``'s token embedded at 1e18: a zero
+    step ``x^1 == x^0``) in the middle of a replica's shard: recorded in ``failures.json`` with
+    its layer, the shard's other prompts equal a local scan of them alone, exit code 3;
+    ``--fail-fast`` makes it fatal (one line, exit code 2)."""
+    from coupling.cli import main as coupling_main
+    from coupling.scan import scan
+
+    model, prompts, healthy = degenerate
+    base = ["--model", str(model), "--prompts", str(prompts), "--k", "4", "--no-figures"]
+    alone = scan(str(model), out=str(tmp_path / "alone"), prompts=str(healthy), k=4,
+                 figures=False, progress=False)
+    out = tmp_path / "run"
+    rc = coupling_main(["scan", "--ray", ray_address, "--out", str(out), *base])
+    printed = capsys.readouterr().out
+    assert rc == 3, printed
+    assert ": replicas x" in printed                        # the replica path, one shard
+    assert f"failed 1 of 3 prompts (listed in {out / 'failures.json'})" in printed
+    (f,) = json.loads((out / "failures.json").read_text())["failures"]
+    assert f["prompt_id"] == "zebra" and f["layer"] == 1
+    assert f["error"].startswith("ValueError: zero step: x^1 == x^0")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["prompts"] == {"total": 3, "failed": 1}
+    assert manifest["ray"]["prompts_failed"] == 1
+    assert not (tmp_path / "run.ray").exists()
+    summary = pd.read_parquet(out / "summary.parquet")
+    assert list(summary.prompt_id) == ["cat", "sun"]
+    pd.testing.assert_frame_equal(summary.drop(columns="source"),
+                                  alone.summary.drop(columns="source"), rtol=0, atol=1e-6)
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(out / "layers.parquet").drop(columns="source", errors="ignore"),
+        alone.layers.drop(columns="source", errors="ignore"), rtol=0, atol=1e-6)
+    depth = np.load(out / "depth_coupling.npz")
+    assert list(depth["prompt_ids"]) == ["cat", "sun"]
+    for key in ("normalized", "raw", "singular_values"):
+        np.testing.assert_allclose(depth[key], alone.depth[key], rtol=0, atol=1e-6)
+    # fail_fast: the first failure stops the scan in one line, nothing written to OUT
+    fast = tmp_path / "fast"
+    rc = coupling_main(["scan", "--ray", ray_address, "--out", str(fast), "--fail-fast", *base])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith(
+        "coupling: error: prompt zebra failed (zero step: x^1 == x^0"), err[-3:]
+    assert not fast.exists()

@@ -5,6 +5,8 @@
 * A planted pickle -- whose unpickling would create a marker file -- in a shard folder (as a
   ``.pkl`` beside the shards, or disguised as ``shard-00000.npz``) is never executed: the
   ``.pkl`` is reported and ignored, the disguised file is a one-line error.
+* A shard also keeps its failed prompts' records (``failures``), checked against the plan
+  with its results; a shard without them (the older layout) has none.
 * ``--overwrite`` on a folder (local scan) or URI (``memory://``, ``file://``; the Ray output)
   that also holds foreign files refuses in one line naming them and deletes nothing; a
   folder of a previous scan is replaced (the old one moved aside, the new renamed in).
@@ -112,6 +114,34 @@ def test_the_codec_is_generic_over_dataclass_fields(tmp_path):
     with pytest.raises(TypeError, match="grid: cannot store a set"):
         write_shard(tmp_path / "bad.npz", ["r"], [Rich("r", {1}, {}, {}, {}, [], ())])
     assert not (tmp_path / "bad.npz").exists()
+
+
+def test_a_shard_keeps_its_failed_prompts_and_old_shards_have_none(tmp_path):
+    from coupling.scan import failure_record
+
+    store = ShardStore(tmp_path / "shards")
+    store.check_plan({"shards": [["a", "b", "c"], ["d"]]})
+    shards = [Shard(0, ["a", "b", "c"], [[1], [2], [3]], [{}] * 3), Shard(1, ["d"], [[4]], [{}])]
+    ok = lambda pid: PromptResult(pid, 1, {}, {"x": 1.0}, {})  # noqa: E731
+    failed = failure_record("b", ValueError("zero step: x^1 == x^0 (prompt b)"))
+    assert failed == {"prompt_id": "b", "layer": 1,
+                      "error": "ValueError: zero step: x^1 == x^0 (prompt b)"}
+    with pytest.raises(RuntimeError, match="do not match its prompts"):
+        store.write(shards[0], [ok("a"), ok("c")], [{**failed, "prompt_id": "z"}])
+    with pytest.raises(RuntimeError, match="do not match its prompts"):
+        store.write(shards[0], [ok("a"), ok("b"), ok("c")], [failed])
+    store.write(shards[0], [ok("a"), ok("c")], [failed])
+    store.write(shards[1], [ok("d")])          # no failures: the layout of older shards
+    with np.load(store.path(shards[1]), allow_pickle=False) as z:
+        assert "failures" not in json.loads(str(z["__index__"]))
+    results, failures = store.read_all_with_failures(shards)
+    assert [r.prompt_id for r in results] == ["a", "c", "d"] and failures == [failed]
+    assert [r.prompt_id for r in store.read_all(shards)] == ["a", "c", "d"]
+    # a shard whose failures do not account for its missing prompts is refused in one line
+    write_shard(store.path(shards[0]), ["a", "c"], [ok("a"), ok("c")])
+    with pytest.raises(ShardError, match=r"holds prompts \['a', 'c'\] \(failed: \[\]\), the "
+                                         r"plan says \['a', 'b', 'c'\]: delete it"):
+        store.read_all(shards)
 
 
 def test_a_planted_pickle_in_a_shard_folder_is_never_executed(tmp_path):
