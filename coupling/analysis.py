@@ -268,8 +268,10 @@ def analyze_prompt(lm, input_ids, settings: ScanSettings, prompt_id: str = "prom
                    meta: dict | None = None, record: ForwardRecord | None = None) -> PromptResult:
     timings = {}
     t0 = time.perf_counter()
-    record = with_last_block(record or run_forward(lm, input_ids, last_block=settings.last_block),
-                             settings.last_block, lm.model)
+    if record is None:
+        record = run_forward(lm, input_ids, last_block=settings.last_block)
+    else:      # a record made elsewhere (a pipeline stage): X^L as settings.last_block says
+        record = with_last_block(record, settings.last_block, lm.model)
     timings["forward"] = time.perf_counter() - t0
     n, d = record.n_tokens, record.hidden_states.shape[-1]
     if settings.k > d:

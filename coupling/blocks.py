@@ -207,6 +207,9 @@ def _annotated_cache(fn) -> str | None:
     return None
 
 
+_CACHE_PARAMETER: dict = {}    # block class -> its cache argument (the signature is per class)
+
+
 def cache_parameter(module: nn.Module) -> str | None:
     """Name of a block's KV-cache argument, read from its signature, not from a list.
 
@@ -214,7 +217,15 @@ def cache_parameter(module: nn.Module) -> str | None:
     in 5.24, the old name a deprecated alias the block ignores when both are given), so the
     parameter annotated with a ``Cache`` type wins.  A block that only forwards ``**kwargs``
     to its attention takes the name its attention submodule declares.  ``None``: no cache.
+    Read once per block class (the recorder asks for every block of every forward pass).
     """
+    cls = type(module)
+    if cls not in _CACHE_PARAMETER:
+        _CACHE_PARAMETER[cls] = _find_cache_parameter(module)
+    return _CACHE_PARAMETER[cls]
+
+
+def _find_cache_parameter(module: nn.Module) -> str | None:
     forward = getattr(module, "forward", None)
     name = _annotated_cache(forward)
     if name is not None:

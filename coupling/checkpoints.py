@@ -47,7 +47,9 @@ import pandas as pd
 import yaml
 
 from .loading import TINY_MODEL_DIR, LoadedModel, load_model
-from .results import MANIFEST, atomic_write_bytes, read_scan_output
+from .cli import CHECKPOINT_SCAN_FLAGS
+from .owned import atomic_write
+from .results import MANIFEST, read_scan_output
 from .scan import SETTINGS_KEYS, ScanConfig, scan
 
 EMBEDDED = "embedded:tiny"
@@ -377,7 +379,7 @@ def scan_checkpoints(spec, out_dir, *, progress: bool = True, overwrite: bool = 
         lm = load_checkpoint(ckpt, series, config.dtype, config.trust_remote_code)
         scan(config=config, loaded=lm, progress=progress)
     table = dynamics_table(out, entries)
-    atomic_write_bytes(out / DYNAMICS, table.to_parquet(index=False))
+    atomic_write(out / DYNAMICS, table.to_parquet(index=False))
     runs = [(e.step, out / e.dirname) for e in entries if e.role == "checkpoint"]
     if training_figures and runs:
         from .figures.training import draw_training_figures
@@ -411,7 +413,7 @@ def dynamics_table(out_dir, entries: list[Checkpoint]) -> pd.DataFrame:
 
 
 def cmd_checkpoints(args: argparse.Namespace) -> int:
-    kw = {k: getattr(args, k) for k in ("prompts", "max_prompts", "k", "measures")
+    kw = {k: getattr(args, k) for k in CHECKPOINT_SCAN_FLAGS
           if getattr(args, k) is not None}
     if args.step_figures:
         kw["figures"] = True

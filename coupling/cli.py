@@ -13,8 +13,13 @@ import importlib
 import os
 import sys
 
-# Commands -> (module, parser builder, one-line help).  Only the module of the command being
-# run is imported: `coupling --help` and argument errors never wait for torch (< 1 s).
+from .errors import first_line
+from .settings import add_flags, flag_values, yaml_only_help
+
+# The scan settings the `checkpoints` command lets a flag override (the rest: its spec).
+CHECKPOINT_SCAN_FLAGS = ("prompts", "max_prompts", "k", "measures")
+
+
 class _Command:
     """``args.func``: imports ``module`` and calls its ``name(args)`` only when the command
     runs, so building the parser imports nothing heavy."""
@@ -29,8 +34,6 @@ class _Command:
 def add_scan_parser(sub):
     """``coupling scan``: its setting flags and their help come from :mod:`coupling.settings`;
     the keys without a flag (config file only) and the Ray keys are listed after them."""
-    from .settings import add_flags, yaml_only_help
-
     epilog = "\n\n".join([yaml_only_help(), yaml_only_help(("ray",), "with --ray, config-file "
                                                                      "keys of the Ray scan")])
     p = sub.add_parser("scan", help="scan a model's coupling and trajectory regularity",
@@ -124,10 +127,7 @@ def add_checkpoints_parser(subparsers):
                     "OUT/dynamics.parquet and the training figures in OUT/figures/.")
     p.add_argument("spec", metavar="SPEC.yaml", help="checkpoint spec (configs/checkpoints_tiny.yaml)")
     p.add_argument("--out", required=True, help="output directory (finished steps are kept)")
-    p.add_argument("--prompts", help="builtin | FILE.jsonl | hf:NAME[:split]")
-    p.add_argument("--max-prompts", type=int)
-    p.add_argument("--k", type=int, help="top-K singular vectors")
-    p.add_argument("--measures", help="comma list of depth,tokens,regularity")
+    add_flags(p, only=CHECKPOINT_SCAN_FLAGS)
     p.add_argument("--adjacency-steps", help="comma list of steps for the adjacency graphs "
                                              "(default: first, middle, last)")
     p.add_argument("--step-figures", action="store_true",
@@ -150,7 +150,6 @@ def scan_config_dict(args) -> dict:
     import time
 
     from .scan import load_config_file
-    from .settings import flag_values
 
     data = load_config_file(args.config) if args.config else {}
     data.update(flag_values(args))
@@ -228,8 +227,7 @@ def main(argv=None) -> int:
     except (ValueError, OSError, FloatingPointError, RuntimeError) as e:
         if os.environ.get("COUPLING_DEBUG"):
             raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"coupling: error: {msg}", file=sys.stderr)
+        print(f"coupling: error: {first_line(e)}", file=sys.stderr)
         return 2
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import first_line
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -150,7 +152,7 @@ def _unreadable_weight_file(source) -> tuple[str, str] | None:
                 for key in fh.keys():   # reading each tensor catches a truncated body too
                     fh.get_slice(key)
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            return str(f), str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            return str(f), first_line(e)
     return None
 
 
@@ -171,8 +173,7 @@ def _load_hint(source, revision, err) -> str:
     looks_like_path = source.startswith((".", "/", "~")) or source.count("/") > 1
     if looks_like_path and not Path(source).expanduser().exists():
         return f"model folder {source!r} does not exist: pass a save_pretrained folder or a hub id"
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return (f"could not load model {source!r}{where}: {first} "
+    return (f"could not load model {source!r}{where}: {first_line(err)} "
             "(check the id/path; offline machines need a local save_pretrained folder)")
 
 

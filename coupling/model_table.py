@@ -15,6 +15,8 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
+from .errors import first_line
+
 PAPER_TABLE = Path(__file__).resolve().parent / "data" / "paper_table1.csv"
 # Columns a scan measures; on a join overlap the scan's value wins for these and the
 # score table's (published, nominal) value wins for everything else.
@@ -235,8 +237,7 @@ def apply_subset(table: pd.DataFrame, expr: str | None = None,
         try:
             out = out.query(expr)
         except Exception as exc:  # query raises many types (SyntaxError, UndefinedVariable…)
-            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise ValueError(f"bad --subset {expr!r}: {msg}; columns available: "
+            raise ValueError(f"bad --subset {expr!r}: {first_line(exc)}; columns available: "
                              f"{', '.join(map(str, table.columns))}") from None
         if not isinstance(out, pd.DataFrame) or len(out) == 0:
             raise ValueError(f"--subset {expr!r} selects no rows (of {len(table)})")

@@ -30,7 +30,8 @@ from .figures.pca import _has_pca, pca_figure
 from .figures.scans import find_sibling, load_scan, prompt_index
 from .figures.spectra import _has_spectra, singular_values_figure
 from .figures.tokens import token_coupling_figure
-from .results import ScanResult, atomic_write_bytes
+from .owned import atomic_write
+from .results import ScanResult
 
 FIGURES_DIR = "figures"
 
@@ -75,7 +76,7 @@ def write_summary(scans: list[ScanResult], path: Path, figures: list[Path]) -> P
         lines += ["", f"compared with {scans[1].out_dir}"] + summary_lines(scans[1])
     if figures:
         lines += ["", "figures: " + ", ".join(p.name for p in figures)]
-    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode("utf-8"))
+    atomic_write(path, ("\n".join(lines) + "\n").encode("utf-8"))
     return path
 
 

@@ -21,7 +21,6 @@ moved aside, the new one renamed in, the old one's own files removed.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -61,13 +60,6 @@ def check_output_dir(out_dir, overwrite: bool = False) -> Path:
     except OSError as e:
         raise OutputDirError(f"cannot write to {parent} ({e.strerror}): choose a writable --out") from None
     return out
-
-
-def atomic_write_bytes(path: Path, data: bytes):
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def summary_frame(results) -> pd.DataFrame:

@@ -27,6 +27,7 @@ import yaml
 from .analysis import ScanSettings, analyze_prompt, jacobian_function_report
 from .loading import LoadedModel, load_model
 from .prompts import Prompt, load_prompts, tokenize_prompt
+from .errors import first_line
 from .owned import LocalTree, check_replaceable, remove_owned, root_kind
 from .settings import check_keys, names, settings_dataclass
 from .results import ScanResult, check_output_dir, read_scan_output, write_scan_output
@@ -203,7 +204,7 @@ def run_prompts(lm, prompts, token_ids, cfg: ScanConfig, progress: bool = True,
                 result = analyze_prompt(lm, ids, cfg.settings, pid, meta)
             except Exception as e:   # noqa: BLE001 -- any failure of one prompt is isolated
                 if cfg.fail_fast:
-                    raise PromptFailed(f"prompt {pid} failed ({_first_line(e)}); without "
+                    raise PromptFailed(f"prompt {pid} failed ({first_line(e)}); without "
                                        "--fail-fast it is recorded in failures.json and the "
                                        "scan goes on") from e
                 failures.append(failure_record(pid, e))
@@ -233,12 +234,7 @@ def failure_record(prompt_id: str, e: BaseException) -> dict:
     (``layer 3``, or a zero step ``x^3 == x^2``: block 3 did not move the state)."""
     m = re.search(r"\blayer (\d+)", str(e)) or re.search(r"x\^(\d+) == x\^\d+", str(e))
     return {"prompt_id": prompt_id, "layer": int(m.group(1)) if m else None,
-            "error": f"{type(e).__name__}: {_first_line(e)}"}
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+            "error": f"{type(e).__name__}: {first_line(e)}"}
 
 
 # ------------------------------------------------------------------------------------------

@@ -241,12 +241,12 @@ def _yaml(value) -> str:
     return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
-def add_flags(parser: argparse.ArgumentParser, groups=("scan", "analysis")):
-    """Every flag of the settings of ``groups``; each defaults to None (= not given), so
-    that a ``--config`` file's value stands unless the flag is given."""
-    for s in SCHEMA:
-        if s.group not in groups:
-            continue
+def add_flags(parser: argparse.ArgumentParser, groups=("scan", "analysis"), only=None):
+    """Every flag of the settings of ``groups`` (or just the settings named in ``only``);
+    each defaults to None (= not given), so that a ``--config`` file's value stands unless
+    the flag is given."""
+    chosen = [s for s in SCHEMA if s.group in groups and (only is None or s.name in only)]
+    for s in chosen:
         for f in s.flags:
             if f.const is VALUE:
                 parser.add_argument(f.spelling, dest=s.name, type=_flag_type(s),
@@ -255,7 +255,7 @@ def add_flags(parser: argparse.ArgumentParser, groups=("scan", "analysis")):
             else:
                 parser.add_argument(f.spelling, dest=s.name, action="store_const",
                                     const=f.const, help=help_text(s, f))
-    parser.set_defaults(**{s.name: None for s in SCHEMA if s.group in groups and s.flags})
+    parser.set_defaults(**{s.name: None for s in chosen if s.flags})
 
 
 def _flag_type(s: Setting):

@@ -75,7 +75,8 @@ class ReplicaWorker:
         in order, and a ``failure_record`` per prompt whose analysis raised -- the others go
         on, as in the local scan; with ``spec["fail_fast"]`` the first failure raises
         ``PromptFailed``."""
-        from coupling.scan import PromptFailed, _first_line, failure_record
+        from coupling.errors import first_line
+        from coupling.scan import PromptFailed, failure_record
 
         self._load(spec)
         out, failures = [], []
@@ -85,7 +86,7 @@ class ReplicaWorker:
                                           meta))
             except Exception as e:   # noqa: BLE001 -- any failure of one prompt is isolated
                 if spec.get("fail_fast"):
-                    raise PromptFailed(f"prompt {pid} failed ({_first_line(e)}); without "
+                    raise PromptFailed(f"prompt {pid} failed ({first_line(e)}); without "
                                        "fail_fast it is recorded in failures.json and the "
                                        "scan goes on") from None
                 failures.append(failure_record(pid, e))

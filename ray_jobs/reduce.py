@@ -13,12 +13,12 @@ correlate`` relies on it): coupling is the negative of mis-coupling, so
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from coupling.owned import atomic_write
 from coupling.results import write_scan_output
 from coupling.scan import build_manifest
 
@@ -65,7 +65,5 @@ def write_models_table(out_dir, rows) -> Path:
     buf = io.BytesIO()
     df.to_parquet(buf, index=False)
     path = Path(out_dir) / "models.parquet"
-    tmp = path.with_name(f".models.parquet.tmp-{os.getpid()}")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, path)
+    atomic_write(path, buf.getvalue())
     return path

@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from coupling.errors import first_line
+
 from .config import RayScanConfig, parse_config
 from .connect import check_address, connect, ray_env
 from .pipeline import _run_stages
@@ -216,7 +218,7 @@ def main(argv=None, workers: dict | None = None) -> int:
     except (ValueError, OSError, RuntimeError, FloatingPointError) as e:
         if os.environ.get("COUPLING_DEBUG"):
             raise
-        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        print(f"{PROG}: error: {first_line(e)}", file=sys.stderr)
         return 2
     if not report.get("dry_run"):
         print_report(report)
@@ -291,11 +293,6 @@ def print_report(report: dict):
 def exit_code(report: dict) -> int:
     """3 when the scan finished but some prompts failed (as the local scan), else 0."""
     return 3 if any(r.get("prompts_failed") for r in report["models"].values()) else 0
-
-
-def _one_line(e) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 if __name__ == "__main__":

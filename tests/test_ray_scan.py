@@ -10,10 +10,8 @@ others equal the local scan of them alone (exit code 3; ``--fail-fast``: exit co
 """
 import json
 import pickle
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +22,7 @@ import yaml
 from ray_fixtures import *  # noqa: F401,F403  (session fixtures)
 from ray_fixtures import (assert_models_row, assert_same_as_local, free_port, ray_config,
                           subprocess_env)
+from processes import kill_after_files
 from ray_faults import crashing
 from test_store import Plant
 import test_resume
@@ -108,16 +107,7 @@ def test_killed_driver_resumes_only_unfinished_shards(ray_address, ray_model_dir
                             stderr=subprocess.PIPE)
     key = parse_config(ray_config(ray_model_dir), out=str(out)).jobs[0].key
     shard_dir = out / "_shards" / key
-    deadline = time.time() + 150
-    try:
-        while len(list(shard_dir.glob("shard-*.npz"))) < 2:
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            assert time.time() < deadline, "driver wrote no shards in time"
-            time.sleep(0.1)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    finished = sorted(p.name for p in shard_dir.glob("shard-*.npz"))
+    finished = kill_after_files(proc, shard_dir, "shard-*.npz", 2, timeout=150, poll=0.1)
     assert 2 <= len(finished) < 6, finished
     assert not (out / key / "summary.parquet").exists()
     assert marker.exists(), "the replica did not crash"

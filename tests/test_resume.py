@@ -12,15 +12,15 @@
   makes it fatal (exit code 2, nothing written).
 """
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+
+from processes import kill_after_files
 
 ROOT = Path(__file__).resolve().parents[1]
 N_PROMPTS = 36
@@ -52,16 +52,7 @@ def test_sigkill_mid_scan_then_rerun_computes_only_what_is_missing(tmp_path):
     partial = tmp_path / "run.partial"
     cmd = [sys.executable, "-m", "coupling.cli", "scan", "--out", str(out), *ARGS]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 240
-    try:
-        while len(list(partial.glob("shard-*.npz"))) < 5:
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            assert time.time() < deadline, "the scan saved no prompts in time"
-            time.sleep(0.01)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    saved = sorted(p.name for p in partial.glob("shard-*.npz"))
+    saved = kill_after_files(proc, partial, "shard-*.npz", 5, timeout=240, poll=0.01)
     assert 5 <= len(saved) < N_PROMPTS, saved
     assert not out.exists()                                  # nothing final was written
     # the same --out with other settings does not mix with what is saved

@@ -14,7 +14,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-from ..results import ScanResult, atomic_write_bytes
+from ..owned import atomic_write
+from ..results import ScanResult
 
 DPI = 120
 CMAP = "viridis"           # m~ maps: dark = low m~ = strongly coupled, yellow = uncoupled
@@ -96,7 +97,7 @@ def save_figure(fig: Figure, path: Path) -> Path:
     buf = io.BytesIO()
     # constrained layout places everything (bbox_inches="tight" would draw each figure twice)
     fig.savefig(buf, format="png", dpi=DPI, facecolor="white")
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
     return path
 
 

@@ -1,0 +1,7 @@
+"""One-line error messages: the project reports every failure in one line."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of ``e``'s message, or its type's name when it has none."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
