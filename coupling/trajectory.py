@@ -31,10 +31,33 @@ class ForwardRecord:
     last_block: str = "with-final-norm"   # what X^L is: see the module docstring
     final_norm: torch.nn.Module | None = field(default=None, repr=False)  # inside F^L, if any
     cache: dict = field(default_factory=dict, repr=False)   # per-layer facts found on demand
+    # A pipeline stage records only its own blocks: ``hidden_states`` is then X^first ..
+    # X^(first + len(calls)), ``calls`` blocks first .. first + len(calls) - 1 (0-based) and
+    # ``model_layers`` the model's L.  A full record has first = 0 and model_layers = None.
+    first: int = 0
+    model_layers: int | None = None
 
     @property
     def n_layers(self) -> int:
-        return len(self.calls)
+        """The model's number of blocks ``L`` (also for a record of some blocks only)."""
+        return self.model_layers if self.model_layers is not None else len(self.calls)
+
+    @property
+    def layers(self) -> range:
+        """The layers (1-based) whose block calls this record holds."""
+        return range(self.first + 1, self.first + len(self.calls) + 1)
+
+    def call(self, l: int) -> BlockCall:
+        """The recorded call of block ``l`` (1-based, as in the paper)."""
+        if l not in self.layers:
+            raise ValueError(f"layer {l} is not in this record (it holds layers "
+                             f"{self.layers.start}..{self.layers.stop - 1} of "
+                             f"{self.n_layers}): run that layer on the stage that owns it")
+        return self.calls[l - 1 - self.first]
+
+    def states(self) -> dict:
+        """``{l: X^l (n, d)}`` of the layers this record holds."""
+        return {self.first + i: x for i, x in enumerate(self.hidden_states)}
 
     @property
     def n_tokens(self) -> int:
@@ -132,7 +155,11 @@ def logit_lens_head(loaded: LoadedModel):
 
     Returns None when the model has no output embedding (e.g. a bare encoder or a ViT).
     """
-    model = loaded.model
+    return lens_head(loaded.model)
+
+
+def lens_head(model: torch.nn.Module):
+    """:func:`logit_lens_head` of a model module (a pipeline stage holds the module only)."""
     unembed = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if unembed is None:
         return None

@@ -110,7 +110,7 @@ class StageWorker:
         self.stage = StageModel(source, config, lo, hi, dtype,
                                 device="cuda" if use_gpu else "cpu", block_path=block_path,
                                 trust_remote_code=trust_remote_code, revision=revision)
-        self.cache: dict = {}          # key -> {"fwd": StageForward, "kept": dense Jacobians}
+        self.cache: dict = {}          # key -> {"rec": ForwardRecord, "kept": dense Jacobians}
 
     def ready(self) -> dict:
         return {"pid": os.getpid(), "node_id": _node_id(), "n_params": self.stage.n_params,
@@ -118,52 +118,48 @@ class StageWorker:
 
     def _fwd(self, key, x_in):
         entry = self.cache.setdefault(key, {})
-        if "fwd" not in entry:
-            entry["x_out"], entry["fwd"] = self.stage.forward(torch.as_tensor(x_in))
+        if "rec" not in entry:
+            entry["x_out"], entry["rec"] = self.stage.forward(torch.as_tensor(x_in),
+                                                              self.settings.last_block)
         return entry
 
     def forward(self, key, x_in):
         """Returns ``(x_out, states)``: the next stage's input (None on the last stage) and
         this stage's trajectory slice ``{l: X^l (n, d)}`` in the model dtype."""
         entry = self._fwd(key, x_in)
-        fwd = entry["fwd"]
         x_out = None if self.stage.last else entry["x_out"].cpu()
         # states are float32 casts of model-dtype tensors: shipping them in the model dtype
         # is exact and halves the bytes of bf16/fp16 models
-        return x_out, {l: x.to(self.stage.dtype).cpu() for l, x in fwd.states.items()}
+        return x_out, {l: x.to(self.stage.dtype).cpu() for l, x in entry["rec"].states().items()}
 
     def decompose(self, key, x_in) -> dict:
         """``{t: {l: (U, S, V)}}`` of the owned layers (the only thing other stages need)."""
         entry = self._fwd(key, x_in)
-        entry["kept"], factors = self.stage.decompose(entry["fwd"], self.settings)
+        entry["kept"], factors = self.stage.decompose(entry["rec"], self.settings)
         return factors
 
-    def couple(self, key, x_in, prompt_id: str, meta: dict, n_stages: int, *parts) -> dict:
-        """Rows of the coupling grids; ``parts``: every stage's factors, then (last stage
-        only) every stage's trajectory slice.  Frees the prompt's cache."""
+    def couple(self, key, x_in, n_stages: int, *parts) -> dict:
+        """This stage's parts of the prompt's result (``coupling.prompt_steps``): its rows of
+        the coupling grids, the regularity (last stage), the token grids (the stage owning
+        both token layers).  ``parts``: every stage's factors, then (last stage only) every
+        stage's trajectory slice.  Frees the prompt's cache."""
+        from .stage import trajectory_of
+
         entry = self._fwd(key, x_in)
         factors = list(parts[:n_stages])
         out = {"rows": None, "regularity": None, "tokens": None}
         s = self.settings
         if "depth" in s.measures:
-            out["rows"] = self.stage.couple(entry["fwd"], entry.get("kept"), factors, s)
+            out["rows"] = self.stage.couple(entry["rec"], entry.get("kept"), factors, s)
         if "regularity" in s.measures and self.stage.last:
-            out["regularity"] = self.stage.regularity(entry["fwd"], _trajectory(parts[n_stages:]),
-                                                      s, prompt_id, meta)
+            out["regularity"] = self.stage.regularity(trajectory_of(parts[n_stages:]), s)
         if "tokens" in s.measures and self.owns_token_layers():
-            out["tokens"] = self.stage.tokens(entry["fwd"], s, prompt_id, meta)
+            out["tokens"] = self.stage.tokens(entry["rec"], s)
         self.cache.pop(key, None)
         return out
 
     def owns_token_layers(self) -> bool:
-        from .stage import token_layers
+        from coupling.prompt_steps import token_layers
 
         l, lp = token_layers(self.settings, self.stage.n_layers)
         return l in self.stage.layers and lp in self.stage.layers
-
-
-def _trajectory(slices) -> torch.Tensor:
-    """``(L+1, n, d)`` from the stages' ``{l: X^l}`` slices."""
-    merged = {l: x for part in slices for l, x in part.items()}
-    L = max(merged)
-    return torch.stack([merged[l].float() for l in range(L + 1)])

@@ -55,7 +55,7 @@ def _pipeline(actors, todo, settings, max_in_flight, lookahead, on_shard, torch)
     import ray
     from ray.exceptions import RayActorError, RayTaskError
 
-    from .stage import assemble
+    from coupling.prompt_steps import assemble
 
     S = len(actors)
     front, inflight = deque(), deque()
@@ -75,9 +75,8 @@ def _pipeline(actors, todo, settings, max_in_flight, lookahead, on_shard, torch)
 
     def submit_couple():
         shard, pos, key, xs, trajs, facs = front.popleft()
-        pid, meta = shard.prompt_ids[pos], shard.metas[pos]
         last = "regularity" in settings.measures      # only then the last stage needs X^0..X^L
-        refs = [a.couple.remote(key, xs[s], pid, meta, S, *facs,
+        refs = [a.couple.remote(key, xs[s], S, *facs,
                                 *(trajs if s == S - 1 and last else []))
                 for s, a in enumerate(actors)]
         inflight.append((shard, pos, refs))
@@ -95,9 +94,9 @@ def _pipeline(actors, todo, settings, max_in_flight, lookahead, on_shard, torch)
         n = len(shard.token_ids[pos])
         reg = next((p["regularity"] for p in parts if p["regularity"] is not None), None)
         tok = next((p["tokens"] for p in parts if p["tokens"] is not None), None)
-        rows = [p["rows"] for p in parts] if parts[0]["rows"] is not None else []
-        buffers[shard.index][pos] = assemble(shard.prompt_ids[pos], n, shard.metas[pos], rows,
-                                             reg, tok, settings)
+        depth = [p["rows"] for p in parts] if parts[0]["rows"] is not None else None
+        buffers[shard.index][pos] = assemble(shard.prompt_ids[pos], n, shard.metas[pos], depth,
+                                             tok, reg)
         if all(r is not None for r in buffers[shard.index]):
             on_shard(by_index[shard.index], buffers.pop(shard.index))
 

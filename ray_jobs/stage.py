@@ -4,8 +4,9 @@ Per prompt a stage does three things (each a Ray actor method in ``ray_jobs.acto
 
 ``forward(x_in)``
     runs its blocks on the hidden states received from the previous stage (the first stage
-    embeds the token ids itself) and returns ``x_out`` for the next stage plus its slice of
-    the trajectory ``X^l``.
+    embeds the token ids itself) and returns ``x_out`` for the next stage plus a
+    ``ForwardRecord`` of its own blocks only (their real calls and its slice ``X^lo..X^hi``
+    of the trajectory).
 ``decompose()``
     takes the Jacobians ``J^l_{tt}`` of its own blocks and their top-K SVDs; only the ``d x K``
     factors ``(U, S, V)`` leave the stage.
@@ -13,6 +14,10 @@ Per prompt a stage does three things (each a Ray actor method in ``ray_jobs.acto
     with every layer's factors, computes its rows of the ``L x L`` coupling grids (the
     Jacobians never move); the last stage also computes the regularity measures from the full
     trajectory and the logit lens (it holds the final norm and unembedding).
+
+Each is a thin wrapper over the steps of ``coupling.prompt_steps`` -- the ones
+``coupling.analysis.analyze_prompt`` runs on the whole model -- and ``assemble`` there builds
+the prompt's result from the stages' parts.
 
 **Block arguments** (attention masks, position ids, rotary ``position_embeddings``...) are
 not rebuilt per family.  The stage runs the model's own ``forward`` with every block replaced
@@ -27,20 +32,15 @@ tables computed in the base model).
 """
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-
-import numpy as np
 import torch
 from torch import nn
 
-from coupling.analysis import (PromptResult, ScanSettings, analyze_prompt, coupling_rows,
-                               layer_jacobians, layer_svds, norm_kind, record_spectra,
-                               spectral_flags)
+from coupling.analysis import PromptResult, ScanSettings
 from coupling.blocks import BlockCall, CallRecorder, find_blocks, find_final_norm
-from coupling.coupling_metrics import mean_off_diagonal, nan_off_diagonal
-from coupling.loading import LoadedModel
-from coupling.trajectory import ForwardRecord
+from coupling.prompt_steps import (assemble, couple_token, decompose_token, depth_part,
+                                   layer_jacobians, lens_heads, token_grids, token_layers,
+                                   traced_tokens, trajectory_regularity)
+from coupling.trajectory import ForwardRecord, with_last_block
 
 from .weights import (build_skeleton, locate_weights, materialize, materialized_numel,
                       model_layout)
@@ -77,15 +77,6 @@ class _ZeroEmbedding(nn.Module):
 class _Identity(nn.Module):
     def forward(self, x, *args, **kwargs):
         return x
-
-
-@dataclass
-class StageForward:
-    """What ``forward`` keeps for later steps: calls of the owned blocks and their states."""
-
-    calls: dict            # 0-based block index -> BlockCall (input, kwargs, output)
-    states: dict           # l -> X^l (n, d) float32, l in lo..hi (X^L after the final norm)
-    raw_last: torch.Tensor | None
 
 
 class StageModel:
@@ -178,195 +169,121 @@ class StageModel:
         return out
 
     @torch.no_grad()
-    def forward(self, x_in: torch.Tensor) -> tuple:
+    def forward(self, x_in: torch.Tensor, last_block: str = "with-final-norm") -> tuple:
         """Run the owned blocks.  ``x_in``: token ids ``(1, n)`` on the first stage, else the
-        previous stage's output ``(1, n, d)``.  Returns ``(x_out, StageForward)``."""
+        previous stage's output ``(1, n, d)``.  Returns ``(x_out, record)``: the
+        ``ForwardRecord`` of the owned blocks (real calls, ``X^lo..X^hi``; on the last stage
+        ``X^L`` as ``last_block`` says)."""
         ids = x_in if self.first else torch.zeros(1, x_in.shape[1], dtype=torch.long)
         x0, templates = self.block_calls(ids)
         x = x0 if self.first else x_in.to(self.device, self.dtype)
-        states = {self.lo: x[0].float()}
-        calls = {}
+        states, calls = [x[0].float()], []
         for i in range(self.lo, self.hi):
             call = _with_input(templates[i], self.blocks[i], x)
             x = call.replay(x)
             call.output = x
-            calls[i] = call
-            states[i + 1] = x[0].float()
-        raw_last = None
-        if self.last:
-            raw_last = x
-            norm = find_final_norm(self.model)
-            if norm is not None:        # X^L carries the final norm (Hugging Face convention)
-                states[self.hi] = norm(x)[0].float()
-        return x, StageForward(calls, states, raw_last)
-
-    def record(self, fwd: StageForward, trajectory: torch.Tensor | None = None) -> ForwardRecord:
-        """A ``ForwardRecord`` the library's per-layer functions accept: owned calls real,
-        the others the (weightless) skeleton blocks, so nothing can silently use them."""
-        L = self.n_layers
-        n, d = next(iter(fwd.states.values())).shape
-        if trajectory is None:
-            trajectory = torch.full((L + 1, n, d), float("nan"), device=self.device)
-            for l, x in fwd.states.items():
-                trajectory[l] = x
-        trajectory = trajectory.to(self.device)
-        calls = [fwd.calls.get(i) or BlockCall(i, self.blocks[i], (), {}, False) for i in range(L)]
-        return ForwardRecord(trajectory, calls, self.layout.block_path, fwd.raw_last)
+            calls.append(call)
+            states.append(x[0].float())
+        norm = find_final_norm(self.model) if self.last else None
+        if norm is not None:        # X^L carries the final norm (Hugging Face convention)
+            states[-1] = norm(x)[0].float()
+        record = ForwardRecord(torch.stack(states), calls, self.layout.block_path,
+                               x if self.last else None, final_norm=norm, first=self.lo,
+                               model_layers=self.n_layers)
+        return x, with_last_block(record, last_block, self.model)
 
     # -- step 2: Jacobians and SVDs ------------------------------------------------------
-    def jacobians(self, fwd: StageForward, settings: ScanSettings,
-                  functions: dict | None = None, deflation: dict | None = None) -> dict:
-        """``{t: {l: J^l_{tt}}}`` of the owned layers: dense on the exact path, else
-        matrix-free operators (cheap to build: one block call per layer captures the prefix
-        keys/values of the one-token function).  ``functions`` is filled with
-        ``{l: [kind, reason]}`` (see ``coupling.analysis.layer_jacobians``), ``deflation``
-        with the owned layers' ``--deflate-ln`` records (``PromptResult.deflation``)."""
-        rec = self.record(fwd)
-        kind = norm_kind(self.model)
-        blocks = {}   # one FastBlock per layer, shared by every traced token
-        out = {t: layer_jacobians(rec, self.layers, t, settings, self.model, kind, blocks,
-                                  functions)
-               for t in traced_tokens(rec.n_tokens, settings)}
-        if deflation is not None:
-            deflation.update(rec.cache.get("deflation", {}))
-        return out
-
-    def decompose(self, fwd: StageForward, settings: ScanSettings) -> tuple:
+    def decompose(self, record: ForwardRecord, settings: ScanSettings) -> tuple:
         """Top-K factors (shipped) of the owned layers per traced token, and what to keep.
 
         Returns ``(kept, factors)``: ``kept["J"]`` is ``{t: {l: J}}`` when the Jacobians are
         dense (costly to rebuild) and None for operators, which ``couple`` rebuilds rather than
         keeping their VJP residuals alive while the prompt waits in the pipeline;
-        ``kept["functions"]`` says which function each was taken of; ``factors`` is
-        ``{t: {l: SVDResult}}`` on the CPU (``U, S, V``, ``s_{K+1}``, any ARPACK fall-back).
+        ``kept["functions"]`` says which function each was taken of, ``kept["deflation"]``
+        holds the ``--deflate-ln`` records; ``factors`` is ``{t: {l: SVDResult}}`` on the CPU
+        (``U, S, V``, ``s_{K+1}``, any ARPACK fall-back).
         """
-        functions, deflation = {}, {}
-        jacobians = self.jacobians(fwd, settings, functions, deflation)
-        factors, dense = {}, True
-        for t, jac in jacobians.items():
-            svds = layer_svds(jac, settings)
+        jacobians, factors, blocks, functions = {}, {}, {}, {}
+        record.cache["deflation"] = {}
+        for t in traced_tokens(record.n_tokens, settings):
+            jacobians[t], svds = decompose_token(record, self.layers, t, settings, self.model,
+                                                 blocks, functions)
             factors[t] = {l: s.to("cpu") for l, s in svds.items()}
-            dense = dense and all(isinstance(J, torch.Tensor) for J in jac.values())
+        dense = all(isinstance(J, torch.Tensor) for jac in jacobians.values()
+                    for J in jac.values())
         return ({"J": jacobians if dense else None, "functions": functions,
-                 "deflation": deflation}, factors)
+                 "deflation": dict(record.cache["deflation"])}, factors)
 
     # -- step 3: coupling rows (+ regularity on the last stage) --------------------------
-    def couple(self, fwd: StageForward, kept: dict | None, all_factors: list,
+    def couple(self, record: ForwardRecord, kept: dict | None, all_factors: list,
                settings: ScanSettings) -> dict:
-        """This stage's rows of the normalized and raw grids, averaged over traced tokens.
-
-        ``kept``: ``decompose``'s first output; ``all_factors``: every stage's factors.
-        Returns ``{"normalized": (hi-lo, L), "raw": (hi-lo, L), "spectra": {l: SVDResult}}``,
-        the spectra of the owned layers at the last token (what the scan reports), and
-        ``"flags"``: their ``coupling.analysis.spectral_flags`` per traced token.
-        """
+        """This stage's ``coupling.prompt_steps.depth_part``: its rows of the normalized and
+        raw grids averaged over traced tokens, the spectra of its layers at the last token,
+        their flags per traced token.  ``kept``: ``decompose``'s first output (None on a
+        restarted actor); ``all_factors``: every stage's factors."""
         kept = kept or {"J": None, "functions": {}, "deflation": {}}
-        jacobians = kept["J"] if kept["J"] is not None else self.jacobians(fwd, settings)
-        norm_rows, raw_rows, flags = [], [], []
+        jacobians = kept["J"]
+        if jacobians is None:
+            blocks = {}
+            jacobians = {t: layer_jacobians(record, self.layers, t, settings, self.model,
+                                            blocks=blocks)
+                         for t in traced_tokens(record.n_tokens, settings)}
+        rows, flags = [], []
         for t, jac in jacobians.items():
             svds = {l: f.to(self.device) for part in all_factors for l, f in part[t].items()}
-            grid = coupling_rows(jac, svds, self.n_layers, settings.k)
-            norm_rows.append(grid["normalized"])
-            raw_rows.append(grid["raw"])
-            flags.append(spectral_flags({l: svds[l] for l in self.layers}))
+            grid, flag = couple_token(jac, svds, self.n_layers, settings.k)
+            rows.append(grid)
+            flags.append(flag)
         last = max(jacobians)                       # the last token, whichever are traced
         spectra = {l: f for part in all_factors for l, f in part[last].items()
                    if l in self.layers}
-        return {"normalized": np.mean(norm_rows, axis=0), "raw": np.mean(raw_rows, axis=0),
-                "spectra": spectra, "flags": flags, "functions": kept["functions"],
-                "deflation": kept.get("deflation", {})}
+        return depth_part(rows, flags, spectra, kept["functions"], kept["deflation"])
 
-    def regularity(self, fwd: StageForward, trajectory: torch.Tensor, settings: ScanSettings,
-                   prompt_id: str, meta: dict) -> PromptResult:
-        """Regularity measures from the full ``(L+1, n, d)`` trajectory (last stage only)."""
+    def regularity(self, trajectory: torch.Tensor, settings: ScanSettings) -> dict:
+        """Regularity measures from the full ``(L+1, n, d)`` trajectory (last stage only:
+        the logit lens needs its final norm and unembedding)."""
         if not self.last:
             raise RuntimeError("regularity needs the final norm and head: last stage only")
-        only = dataclasses.replace(settings, measures=("regularity",))
-        return analyze_prompt(self._as_loaded(), None, only, prompt_id, meta,
-                              record=self.record(fwd, trajectory))
+        return trajectory_regularity(trajectory.to(self.device), settings.lss_window,
+                                     *lens_heads(self.model, settings.last_block))
 
-    def tokens(self, fwd: StageForward, settings: ScanSettings, prompt_id: str,
-               meta: dict) -> PromptResult:
+    def tokens(self, record: ForwardRecord, settings: ScanSettings) -> dict:
         """Token-wise coupling; both token layers must be owned by this stage."""
-        only = dataclasses.replace(settings, measures=("tokens",))
-        return analyze_prompt(self._as_loaded(), None, only, prompt_id, meta,
-                              record=self.record(fwd))
-
-    def _as_loaded(self) -> LoadedModel:
-        return LoadedModel(self.model, None, self.config,
-                           {"n_layers": self.n_layers, "d_model": self.d})
+        return token_grids(record, settings, self.model)
 
 
 # ------------------------------------------------------------------------------------------
-# Helpers shared with the driver
+# The driver's side
 # ------------------------------------------------------------------------------------------
-def traced_tokens(n_tokens: int, settings: ScanSettings) -> list:
-    return [n_tokens - 1] if settings.token == "last" else list(range(n_tokens))
-
-
-def token_layers(settings: ScanSettings, n_layers: int) -> tuple:
-    """The (l, l') token-wise coupling uses, exactly as ``coupling.analysis`` picks them."""
-    L = n_layers
-    return tuple(settings.token_layers or (max(1, L // 2), min(L, L // 2 + 1)))
-
-
-def assemble(prompt_id: str, n_tokens: int, meta: dict, rows: list,
-             regularity: PromptResult | None, tokens: PromptResult | None,
-             settings: ScanSettings) -> PromptResult:
-    """One ``PromptResult`` from the stages' parts, in the local scan's field order.
-
-    ``rows``: every stage's ``couple`` output, in stage order.
-    """
-    res = PromptResult(prompt_id, n_tokens, dict(meta), {}, {})
-    if "depth" in settings.measures:
-        res.depth_normalized = np.concatenate([r["normalized"] for r in rows], axis=0)
-        res.depth_raw = np.concatenate([r["raw"] for r in rows], axis=0)
-        res.summary["depth_mis_coupling_mean"] = float(mean_off_diagonal(res.depth_normalized))
-        res.summary["depth_mis_coupling_raw_mean"] = float(mean_off_diagonal(res.depth_raw))
-        res.summary["depth_nan_entries"] = nan_off_diagonal(res.depth_normalized, res.depth_raw)
-        spectra = {l: s for r in rows for l, s in r["spectra"].items()}
-        flags = [{l: f for r in rows for l, f in r["flags"][i].items()}
-                 for i in range(len(rows[0]["flags"]))]          # per traced token
-        record_spectra(res, spectra, flags)
-        res.jacobian_functions["depth"] = {l: f for r in rows
-                                           for l, f in r.get("functions", {}).items()}
-        res.deflation = {l: d for r in rows for l, d in r.get("deflation", {}).items()}
-    if tokens is not None:
-        res.tokens = tokens.tokens
-        res.meta["token_layers"] = tokens.meta["token_layers"]
-    if regularity is not None:
-        res.summary.update(regularity.summary)
-        res.layers = regularity.layers
-        res.pca = regularity.pca
-    return res
+def trajectory_of(slices) -> torch.Tensor:
+    """``(L+1, n, d)`` float32 from the stages' ``{l: X^l}`` slices."""
+    merged = {l: x for part in slices for l, x in part.items()}
+    return torch.stack([merged[l].float() for l in range(max(merged) + 1)])
 
 
 def run_pipeline(stages: list, input_ids, settings: ScanSettings, prompt_id: str = "prompt",
                  meta: dict | None = None) -> PromptResult:
     """The block-range analysis of one prompt with every stage in this process (no Ray):
     exactly the messages the Ray pipeline exchanges, in the same order."""
-    meta = dict(meta or {})
-    x, fwds = torch.as_tensor(input_ids), []
+    x, records = torch.as_tensor(input_ids), []
     for st in stages:
-        x, fwd = st.forward(x)
-        fwds.append(fwd)
-    decomposed = [st.decompose(f, settings) for st, f in zip(stages, fwds)]
+        x, rec = st.forward(x, settings.last_block)
+        records.append(rec)
+    decomposed = [st.decompose(r, settings) for st, r in zip(stages, records)]
     factors = [d[1] for d in decomposed]
-    rows = [st.couple(f, d[0], factors, settings) for st, f, d in zip(stages, fwds, decomposed)] \
-        if "depth" in settings.measures else []
-    n = fwds[0].states[0].shape[0]
+    depth = [st.couple(r, d[0], factors, settings)
+             for st, r, d in zip(stages, records, decomposed)] \
+        if "depth" in settings.measures else None
     reg = tok = None
     if "regularity" in settings.measures:
-        merged = {l: s for f in fwds for l, s in f.states.items()}
-        traj = torch.stack([merged[l] for l in range(len(merged))])
-        reg = stages[-1].regularity(fwds[-1], traj, settings, prompt_id, meta)
+        reg = stages[-1].regularity(trajectory_of(r.states() for r in records), settings)
     if "tokens" in settings.measures:
         l, lp = token_layers(settings, stages[0].n_layers)
         owner = [i for i, st in enumerate(stages) if l in st.layers and lp in st.layers]
         if not owner:
             raise ValueError(f"token layers ({l}, {lp}) are not on one stage")
-        tok = stages[owner[0]].tokens(fwds[owner[0]], settings, prompt_id, meta)
-    return assemble(prompt_id, n, meta, rows, reg, tok, settings)
+        tok = stages[owner[0]].tokens(records[owner[0]], settings)
+    return assemble(prompt_id, records[0].n_tokens, meta, depth, tok, reg)
 
 
 def _with_input(template: BlockCall, block: nn.Module, x: torch.Tensor) -> BlockCall:

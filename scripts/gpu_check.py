@@ -516,7 +516,7 @@ def _gb(x):
 
 
 def _rel_mean(a, b) -> float:
-    from coupling.coupling_metrics import mean_off_diagonal
+    from coupling.coupling_scores import mean_off_diagonal
 
     ma, mb = mean_off_diagonal(a), mean_off_diagonal(b)
     return abs(ma - mb) / abs(mb)
