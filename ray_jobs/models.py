@@ -15,7 +15,7 @@ from coupling.prompts import load_prompts
 from coupling.scan import tokenize_all
 
 from .config import ModelJob
-from .placement import ModelSizes
+from .sizing import ModelSizes
 from .weights import build_skeleton, dtype_bytes, model_layout
 
 

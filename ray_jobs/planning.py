@@ -53,7 +53,8 @@ def _with_device_map(job, f, todo, opts, nodes, p):
     """GPU replicas: Accelerate's map of one copy over its GPUs (on the weightless skeleton),
     with the GPUs it really needs -- its greedy fill can need one more than the planner's
     block partition; then the plan is redone with that many GPUs per replica."""
-    from .placement import plan_placement, replica_device_map
+    from .placement import plan_placement
+    from .sizing import replica_device_map
     from .weights import build_skeleton
 
     skeleton = build_skeleton(f.config, job.scan.dtype, job.scan.trust_remote_code)

@@ -112,7 +112,7 @@ def fast_scan(calls, k, method, t, compute_dtype=None):
 def compare(grid, ref):
     import numpy as np
 
-    from coupling.coupling_metrics import mean_off_diagonal
+    from coupling.coupling_scores import mean_off_diagonal
 
     m, r = mean_off_diagonal(grid), mean_off_diagonal(ref)
     off = ~np.eye(ref.shape[0], dtype=bool)
@@ -182,7 +182,7 @@ def bf16_study(shape, args, log):
     import numpy as np
     import torch
 
-    from coupling.coupling_metrics import mean_off_diagonal
+    from coupling.coupling_scores import mean_off_diagonal
     from coupling.loading import LoadedModel
     from coupling.trajectory import run_forward
 

@@ -245,7 +245,7 @@ def coupling_values(J, svd, svd_ref, J_partner, svd_partner, k):
     ``(J against the partner's top-K vectors, the partner against J's top-K vectors, largest
     principal-angle sine between J's top-K singular subspaces and the reference's)``.
     """
-    from coupling.coupling_metrics import coupling_matrix, mis_coupling
+    from coupling.coupling_scores import coupling_matrix, mis_coupling
 
     Up, _, Vp = svd_partner.as_tuple()
     U, _, V = svd.as_tuple()

@@ -8,13 +8,14 @@ from torch import nn
 
 from coupling.blocks import BlockCall, CallRecorder, residual_branch
 from coupling.coupling_metrics import depth_coupling
-from coupling.fastpath import (FastBlock, NotCausalError, TokenJacobian, fast_jacobian,
-                               fast_operator, token_function)
+from coupling.fastpath import (FastBlock, NotCausalError, fast_jacobian, fast_operator,
+                               token_function)
 from coupling.fastpath_svd import fast_depth_coupling, fast_svd
 from coupling.hf_call import is_causal
 from coupling.jacobian import BlockJacobian, exact_jacobians
 from coupling.loading import LoadedModel, parse_dtype
 from coupling.svd import svd_of_dense
+from coupling.token_jacobian import TokenJacobian
 from coupling.trajectory import run_forward
 from coupling.zoo import CAUSAL, build_random, random_inputs, small_config
 

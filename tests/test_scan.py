@@ -70,7 +70,7 @@ def test_scan_matches_direct_library_calls(scanned, gpt2_folder):
     """The scan's depth grid equals coupling computed by hand from operators and exact SVDs."""
     import torch
     from coupling import block_jacobian, load_model, run_forward, top_k_svd
-    from coupling.coupling_metrics import coupling_matrix, mis_coupling
+    from coupling.coupling_scores import coupling_matrix, mis_coupling
     lm = load_model(gpt2_folder)
     ids = lm.tokenizer("What is the capital of France? The capital is", return_tensors="pt")["input_ids"]
     rec = run_forward(lm, ids)
