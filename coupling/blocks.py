@@ -20,6 +20,7 @@ KNOWN_BLOCK_PATHS = (
     "transformer.h", "gpt_neox.layers", "model.layers", "model.language_model.layers",
     "model.decoder.layers", "transformer.blocks", "transformer.layers", "layers",
     "encoder.layer", "bert.encoder.layer", "roberta.encoder.layer", "vit.encoder.layer",
+    "vit.layers",     # ViTForImageClassification, transformers >= 5.24
     "distilbert.transformer.layer", "h",
 )
 

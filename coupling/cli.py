@@ -1,4 +1,4 @@
-"""``coupling`` command line: scan, report, correlate, perturb, checkpoints.
+"""``coupling`` command line: scan, report, correlate, perturb, checkpoints, study.
 
 Every command's parser lives here and imports nothing heavy (the work is imported when a
 command runs), so `coupling --help` and argument errors answer in well under a second.
@@ -138,10 +138,34 @@ def add_checkpoints_parser(subparsers):
     return p
 
 
+STUDY_PHASES = ("train", "scan", "vit", "prune", "analyses")   # coupling.study.runner.PHASES
+
+
+def add_study_parser(subparsers):
+    p = subparsers.add_parser(
+        "study", help="train a model suite, scan it, analyse coupling vs performance",
+        description="Train the language models and ViTs of a study spec (one factor varied at "
+                    "a time), scan every checkpoint (on Ray: replicas over models), prune the "
+                    "largest models, and write the tidy tables and the analyses into OUT. "
+                    "Rerunning the same command resumes.")
+    p.add_argument("spec", metavar="SPEC.yaml", help="study spec (configs/study.yaml)")
+    p.add_argument("--out", required=True, help="output directory (finished work is kept)")
+    p.add_argument("--device", default="cpu", help="training device: cpu or cuda (default cpu)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    p.add_argument("--local", action="store_true",
+                   help="scan checkpoints one by one in this process instead of on Ray")
+    p.add_argument("--address", help="Ray cluster address (default: a local Ray on 127.0.0.1)")
+    p.add_argument("--replicas", type=int, help="Ray replica actors (default: one per CPU)")
+    p.add_argument("--phases", default=",".join(STUDY_PHASES),
+                   help=f"comma list of phases to run (default all: {','.join(STUDY_PHASES)})")
+    p.set_defaults(func=cmd_study)
+    return p
+
+
 # command -> parser builder, in the order `coupling --help` lists them
 COMMANDS = {"scan": add_scan_parser, "report": add_report_parser,
             "correlate": add_correlate_parser, "perturb": add_perturb_parser,
-            "checkpoints": add_checkpoints_parser}
+            "checkpoints": add_checkpoints_parser, "study": add_study_parser}
 
 
 def scan_config_dict(args) -> dict:
@@ -176,6 +200,30 @@ def cmd_scan(args) -> int:
         print(f"failed     {len(result.failures)} of {len(result.failures) + len(result.summary)}"
               f" prompts (listed in {os.path.join(str(result.out_dir), 'failures.json')})")
         return 3
+    return 0
+
+
+def cmd_study(args) -> int:
+    from .study.config import load_study
+    from .study.runner import LocalScanner, run_study
+
+    phases = tuple(x.strip() for x in args.phases.split(",") if x.strip())
+    bad = sorted(set(phases) - set(STUDY_PHASES))
+    if bad:
+        raise ValueError(f"--phases: unknown phase(s) {bad}; choose from {','.join(STUDY_PHASES)}")
+    if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
+        raise ValueError(f"--device {args.device!r}: use cpu or cuda")
+    spec = load_study(args.spec)
+    if args.local:
+        scanner = LocalScanner(threads=args.threads)
+    else:
+        from ray_jobs.study import RayScanner  # the distributed scanner lives outside the library
+        scanner = RayScanner(args.address, args.replicas)   # GPUs per actor: as the cluster has
+    try:
+        run_study(spec, args.out, scanner, device=args.device, threads=args.threads,
+                  phases=phases)
+    finally:
+        getattr(scanner, "close", lambda: None)()
     return 0
 
 

@@ -56,6 +56,8 @@ def _model_class(config):
         return tf.AutoModelForCausalLM
     if "MaskedLM" in archs or "ForPreTraining" in archs:
         return tf.AutoModelForMaskedLM
+    if "ForImageClassification" in archs:   # a ViT classifier: keep its head's weights
+        return tf.AutoModelForImageClassification
     if not archs and type(config) in tf.AutoModelForCausalLM._model_mapping:
         return tf.AutoModelForCausalLM
     return tf.AutoModel

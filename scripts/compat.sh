@@ -2,8 +2,9 @@
 # Test the declared version ranges at both ends: one fresh venv per boundary set
 # (constraints/low.txt, constraints/high.txt), the package installed from the repo's own files
 # under those pins, then the tests that lean on library internals (block replay, the one-token
-# fast path with its KV cache, the compat checks) and the Ray pipeline and scan tests (a real
-# local Ray cluster: stages, replicas, a killed driver resuming).
+# fast path with its KV cache, the compat checks), the Ray pipeline and scan tests (a real
+# local Ray cluster: stages, replicas, a killed driver resuming) and the study's ViT tests
+# (scikit-learn's digits).
 #
 #   bash scripts/compat.sh [SET ...]        # default: low high; prints the docs/compat.md table
 #
@@ -14,10 +15,10 @@ ROOT=$PWD
 SETS=("$@"); [ ${#SETS[@]} -eq 0 ] && SETS=(low high)
 WORK=${COMPAT_DIR:-$(mktemp -d /tmp/coupling-compat-XXXXXX)}
 TESTS=(tests/test_blocks_jacobian.py tests/test_fastpath.py tests/test_compat.py
-       tests/test_ray_pipeline.py tests/test_ray_scan.py)
+       tests/test_ray_pipeline.py tests/test_ray_scan.py tests/test_study_vit.py)
 RESULTS=$WORK/compat-results.md   # the table for docs/compat.md
-echo "| set | python | torch | transformers | accelerate | ray | tests | result |" > "$RESULTS"
-echo "|---|---|---|---|---|---|---|---|" >> "$RESULTS"
+echo "| set | python | torch | transformers | accelerate | ray | scikit-learn | tests | result |" > "$RESULTS"
+echo "|---|---|---|---|---|---|---|---|---|" >> "$RESULTS"
 status=0
 for set in "${SETS[@]}"; do
   cons=$ROOT/constraints/$set.txt
@@ -32,12 +33,13 @@ for set in "${SETS[@]}"; do
     "$py" -m pip install -q -e ".[test]" -c "$cons" >> "$WORK/$set-install.log" 2>&1
   if [ $? -ne 0 ]; then
     tail -20 "$WORK/$set-install.log" >&2
-    echo "| $set | | | | | | install | FAILED |" >> "$RESULTS"; status=1; continue
+    echo "| $set | | | | | | | install | FAILED |" >> "$RESULTS"; status=1; continue
   fi
   vers=$("$py" - <<'PY'
 import importlib.metadata as md, platform
 print(" | ".join([platform.python_version()] +
-                 [md.version(p) for p in ("torch", "transformers", "accelerate", "ray")]))
+                 [md.version(p) for p in ("torch", "transformers", "accelerate", "ray",
+                                           "scikit-learn")]))
 PY
 )
   log=$WORK/$set-tests.log

@@ -31,7 +31,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shlex
 import shutil
@@ -41,10 +40,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import make_corpus  # noqa: E402  (sibling module; scripts/ is not a package)
+from coupling.study import corpus as make_corpus
+from coupling.study import lm
+from coupling.study.lm import (EOT, build_model, encode_stream, make_optimizer, sample_batch,
+                               save_model, train_step, train_tokenizer, versions, write_json)
+from coupling.study.lm_eval import heldout_metrics
 
-EOT = "<|endoftext|>"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 HELDOUT_SAMPLE_CHARS = 16_000
 
@@ -95,152 +96,18 @@ def _validate(args: argparse.Namespace) -> None:
 
 def checkpoint_steps(total: int, spec: str | None) -> list[int]:
     """Sorted steps at which to checkpoint: ``spec`` ("0,8,64") or 0, 16, 32, …, and ``total``."""
-    if spec:
-        steps = {int(s) for s in spec.split(",") if s.strip()}
-        bad = [s for s in steps if not 0 <= s <= total]
-        if bad:
-            raise ValueError(f"--checkpoint-steps {bad} outside [0, {total}] (--steps)")
-    else:
-        steps = {0, total} | {2 ** k for k in range(4, 30) if 2 ** k < total}
-    return sorted(steps)
+    requested = [int(s) for s in spec.split(",") if s.strip()] if spec else None
+    return lm.checkpoint_steps(total, requested)
 
 
-# ---------------------------------------------------------------- tokenizer
+# ---------------------------------------------------------------- helpers
+# tokenizer, model, batches, loss, optimizer and saving live in coupling.study.lm, shared
+# with the study's model suite
 
 
-def train_tokenizer(texts: list[str], vocab_size: int, max_length: int):
-    """Byte-level BPE over ``texts`` → ``PreTrainedTokenizerFast`` (``<|endoftext|>`` = id 0)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    # no prefix space: decode(encode(s)) == s exactly, which the prompts rely on
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOT, eos_token=EOT,
-                                   unk_token=EOT, pad_token=EOT, model_max_length=max_length)
-
-
-def encode_stream(tokenizer, docs: list[str]) -> torch.Tensor:
-    """One long int64 stream: doc₁ EOT doc₂ EOT … (shape ``(n_tokens,)``)."""
-    eot = tokenizer.eos_token_id
-    ids: list[int] = []
-    for enc in tokenizer.backend_tokenizer.encode_batch(docs, add_special_tokens=False):
-        ids.extend(enc.ids)
-        ids.append(eot)
-    return torch.tensor(ids, dtype=torch.long)
-
-
-# ---------------------------------------------------------------- model and data
-
-
-def build_model(args: argparse.Namespace, tokenizer):
-    """Randomly initialized ``GPT2LMHeadModel`` (seeded by the caller), dropout off."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    config = GPT2Config(
-        vocab_size=len(tokenizer), n_positions=args.n_positions, n_embd=args.n_embd,
-        n_layer=args.n_layer, n_head=args.n_head, tie_word_embeddings=True,
-        # dropout off: the model is deterministic and a tiny model does not overfit here
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        # no pad_token_id: windows of the stream contain <|endoftext|> and are never padded
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )
-    # eager attention: 2-3x faster than sdpa for these shapes on CPU, and what Jacobian
-    # code uses; it is not stored in config.json, so loaders choose their own
-    config._attn_implementation = "eager"
-    return GPT2LMHeadModel(config)
-
-
-def sample_batch(stream: torch.Tensor, batch: int, seq_len: int,
-                 gen: torch.Generator) -> torch.Tensor:
-    """``(batch, seq_len + 1)`` random windows of ``stream``.
-
-    Inputs are ``[:, :-1]`` and next-token targets ``[:, 1:]``.
-    """
-    starts = torch.randint(0, len(stream) - seq_len - 1, (batch,), generator=gen)
-    return torch.stack([stream[s:s + seq_len + 1] for s in starts.tolist()])
-
-
-def lm_loss(model, windows: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy (nats) of ``windows`` of shape ``(B, T + 1)``."""
-    logits = model(input_ids=windows[:, :-1]).logits.float()
-    return torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
-
-
-@torch.no_grad()
-def evaluate(model, stream: torch.Tensor, seq_len: int, max_windows: int | None = None,
-             batch: int = 32) -> float:
-    """Mean loss (nats/token) over non-overlapping ``seq_len`` windows of ``stream``.
-
-    All windows, or ``max_windows`` of them spaced evenly over the stream (the held-out
-    split runs from stdlib prose to generated sentences, so a prefix would be biased).
-    """
-    n_all = (len(stream) - 1) // seq_len
-    n = n_all if max_windows is None else min(n_all, max_windows)
-    if n < 1:
-        raise ValueError(f"held-out stream of {len(stream)} tokens is shorter than one "
-                         f"window of {seq_len}; raise --max-chars or lower --seq-len")
-    was_training = model.training
-    model.eval()
-    total = 0.0
-    picked = [i * n_all // n for i in range(n)]
-    for i in range(0, n, batch):
-        idx = picked[i:i + batch]
-        windows = torch.stack([stream[j * seq_len:(j + 1) * seq_len + 1] for j in idx])
-        total += lm_loss(model, windows).item() * len(idx)
-    model.train(was_training)
-    return total / n
-
-
-def make_optimizer(model, args: argparse.Namespace):
-    """AdamW (decay on matrices only) + linear warm-up and cosine decay to 10% of ``lr``."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.95))
-    warmup = max(1, round(args.warmup_frac * args.steps))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, args.steps - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
-# ---------------------------------------------------------------- saving
-
-
-def save_model(model, tokenizer, folder: Path, dtype: torch.dtype) -> None:
-    """``save_pretrained`` (safetensors) with tensors stored in ``dtype``, tokenizer beside it.
-
-    Only the stored tensors are cast: ``config.json`` keeps ``"dtype": "float32"``, so
-    ``from_pretrained`` upcasts a float16 checkpoint and returns a float32 model by default.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    state, seen = {}, set()
-    for key, tensor in model.state_dict().items():
-        # a passed state_dict is not de-duplicated: drop the tied lm_head copy ourselves
-        if tensor.data_ptr() not in seen:
-            seen.add(tensor.data_ptr())
-            state[key] = tensor.detach().to(dtype)
-    model.save_pretrained(folder, state_dict=state)
-    tokenizer.save_pretrained(folder)
-    for path in folder.iterdir():
-        if path.is_file():
-            path.chmod(0o644)  # safetensors writes 0600; shipped package data must be readable
-
-
-def write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n")
+def evaluate(model, stream: torch.Tensor, seq_len: int, max_windows: int | None = None) -> float:
+    """Mean held-out loss (nats/token) over non-overlapping windows (see ``heldout_metrics``)."""
+    return heldout_metrics(model, stream, seq_len, max_windows)["eval_loss"]
 
 
 def heldout_sample(docs: list[str], n_chars: int = HELDOUT_SAMPLE_CHARS) -> str:
@@ -279,10 +146,10 @@ def train(args: argparse.Namespace) -> dict:
           f"{len(heldout_ids):,} held-out tokens, vocab {len(tokenizer)} "
           f"({time.time() - t0:.1f}s)", flush=True)
 
-    model = build_model(args, tokenizer)
+    model = build_model(tokenizer, args.n_layer, args.n_embd, args.n_head, args.n_positions)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params:,} parameters", flush=True)
-    opt, sched = make_optimizer(model, args)
+    opt, sched = make_optimizer(model, args.lr, args.weight_decay, args.steps, args.warmup_frac)
     gen = torch.Generator().manual_seed(args.seed)
     ckpt_at = checkpoint_steps(args.steps, args.checkpoint_steps)
     ckpt_dtype = DTYPES[args.checkpoint_dtype]
@@ -308,12 +175,8 @@ def train(args: argparse.Namespace) -> dict:
             checkpoint(step)
         if step == args.steps:
             break
-        loss = lm_loss(model, sample_batch(train_ids, args.batch_size, args.seq_len, gen))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        loss = train_step(model, opt, sched,
+                          sample_batch(train_ids, args.batch_size, args.seq_len, gen))
         recent.append(loss.item())
         # "loss" of a checkpoint = mean training loss of the steps since the last log line
         loss_value = sum(recent) / len(recent)
@@ -346,19 +209,12 @@ def train(args: argparse.Namespace) -> dict:
         "loss_curve": curve,
         "checkpoints": checkpoints,
         "wall_time_s": round(time.time() - t0, 1),
-        "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
-                     **_library_versions()},
+        "versions": versions(),
     }
     write_json(out / "training.json", record)
     print(f"done: eval loss {eval_loss:.4f} (perplexity {math.exp(eval_loss):.2f}), "
           f"{record['wall_time_s']}s", flush=True)
     return record
-
-
-def _library_versions() -> dict:
-    import tokenizers
-    import transformers
-    return {"transformers": transformers.__version__, "tokenizers": tokenizers.__version__}
 
 
 def main(argv: list[str] | None = None) -> None:

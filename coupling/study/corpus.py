@@ -12,7 +12,7 @@ Conventions: a *document* is a ``str``; documents are later joined with ``<|endo
 A file goes to the held-out split when ``crc32(relative path) % HELDOUT_MODULUS == 0``, so
 the split does not depend on the character limit or on which other files exist.
 
-Run ``python3 scripts/make_corpus.py --max-chars 200000`` to print a summary.
+Run ``python3 -m coupling.study.corpus --max-chars 200000`` to print a summary.
 """
 
 from __future__ import annotations

@@ -1,0 +1,142 @@
+"""The controlled study's analyses (docs/study.md): every figure and table, written to one folder.
+
+Input tables (written by :mod:`coupling.study.runner`):
+
+* ``lm``: one row per model x checkpoint step x scan variant (``scan``: ``main`` = K=10 with
+  the final norm inside the last block; ``k2``, ``raw``...), with the model's factor and
+  hyper-parameters, held-out metrics and the scan's coupling measures;
+* ``vit``: one row per ViT of the stochastic-depth x weight-decay grid;
+* ``pruning``: loss after removing 0, 1, 2... blocks per removal order;
+* ``pruning_single``: loss increase when each block is removed alone, with the block's
+  neighbour coupling and angular distance.
+
+Analyses (numbered as in the issue): 1 coupling and the other predictors vs held-out
+performance (R^2, p, bootstrap CIs, partial correlation at fixed parameter count);
+2 coupling vs training step; 3 LSS and expodistance vs step; 4 ViT stochastic depth;
+5 pruning.  Every number is reported as the data give it, with n and p; nothing is filtered
+to make a point.  The tables are computed in :mod:`coupling.study.study_stats`, the figures
+drawn in :mod:`coupling.study.study_figures` (both re-exported here); this module's
+:func:`write_analyses` draws and writes everything to one folder.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from ..figures.common import save_figure
+from ..owned import atomic_write
+from .study_figures import (COUPLING, FACTOR_COLORS, FACTOR_COLUMN, ORDER_COLORS,
+                            fig_coupling_vs_step, fig_performance, fig_pruning,
+                            fig_regularity_vs_step, fig_single_block, fig_vit)
+from .study_stats import (PREDICTORS, TARGETS, final_main, markdown_table,
+                          partial_correlation, partial_table, predictors, pruning_summary,
+                          single_block_summary, step_table, vit_tables)
+
+# The statistics and figures are re-exported: importers of coupling.study.analyses keep working.
+__all__ = ["P_FORMATS", "write_analyses",
+           # from coupling.study.study_stats
+           "TARGETS", "PREDICTORS", "final_main", "predictors", "partial_correlation",
+           "partial_table", "step_table", "vit_tables", "pruning_summary",
+           "single_block_summary", "markdown_table",
+           # from coupling.study.study_figures
+           "FACTOR_COLUMN", "FACTOR_COLORS", "ORDER_COLORS", "COUPLING", "fig_performance",
+           "fig_coupling_vs_step", "fig_regularity_vs_step", "fig_vit", "fig_pruning",
+           "fig_single_block"]
+
+
+P_FORMATS = {"p": ".2g", "spearman_p": ".2g", "p_neighbour_coupling": ".2g",
+             "p_angular_distance": ".2g"}
+
+
+class _Writer:
+    """Collects the markdown and the paths while the analyses write their files."""
+
+    def __init__(self, out_dir: Path):
+        self.out = Path(out_dir)
+        self.md: list[str] = []
+        self.paths: dict[str, Path] = {}
+
+    def figure(self, name: str, fig: Figure, caption: str = ""):
+        self.paths[f"figures/{name}"] = save_figure(fig, self.out / "figures" / f"{name}.png")
+        self.md.append(f"![{caption or name}](figures/{name}.png)\n")
+
+    def table(self, name: str, df: pd.DataFrame, caption: str = ""):
+        path = self.out / "tables" / f"{name}.csv"
+        atomic_write(path, df.to_csv(index=False).encode())
+        self.paths[f"tables/{name}"] = path
+        if caption:
+            self.md.append(f"*{caption}* (`tables/{name}.csv`)\n")
+        self.md.append((markdown_table(df, P_FORMATS) if len(df) else "_(no rows)_") + "\n")
+
+    def text(self, line: str):
+        self.md.append(line + "\n")
+
+
+def _present(tables: dict, name: str) -> pd.DataFrame | None:
+    df = tables.get(name)
+    return df if isinstance(df, pd.DataFrame) and not df.empty else None
+
+
+def write_analyses(tables: dict, out_dir, targets=TARGETS, n_boot: int = 2000) -> dict:
+    """Every analysis whose table is present: PNGs in ``out_dir/figures``, CSVs in
+    ``out_dir/tables`` and ``out_dir/analyses.md`` (all tables in markdown, figure links).
+    A missing or empty table gives a line saying which analyses were skipped.  Returns
+    ``{name: path}`` of every file written (``"analyses.md"`` included)."""
+    w = _Writer(out_dir)
+    w.text("# Study analyses")
+    _lm_sections(w, _present(tables, "lm"), targets, n_boot)
+    w.text("## 4. Vision transformers: stochastic depth x weight decay")
+    vit = _present(tables, "vit")
+    if vit is None:
+        w.text("_Skipped: the `vit` table is missing or empty._")
+    else:
+        w.figure("vit", fig_vit(vit), "ViT coupling vs stochastic depth and accuracy")
+        for name, df in vit_tables(vit).items():
+            w.table(name, df, name)
+    w.text("## 5. Pruning")
+    pr, single = _present(tables, "pruning"), _present(tables, "pruning_single")
+    if pr is None:
+        w.text("_Skipped: the `pruning` table is missing or empty._")
+    else:
+        w.figure("pruning", fig_pruning(pr), "loss increase vs blocks removed")
+        w.table("pruning_summary", pruning_summary(pr),
+                "loss increase after 1, 2, 3 blocks removed; rank 1 = best order")
+    if single is None:
+        w.text("_Skipped: the `pruning_single` table is missing or empty._")
+    else:
+        w.figure("single_block", fig_single_block(single), "single-block removal")
+        w.table("single_block_summary", single_block_summary(single),
+                "Spearman rho of single-block loss increase with each signal")
+    md = Path(out_dir) / "analyses.md"
+    atomic_write(md, "\n".join(w.md).encode())
+    w.paths["analyses.md"] = md
+    return w.paths
+
+
+def _lm_sections(w: _Writer, lm: pd.DataFrame | None, targets, n_boot: int):
+    titles = ("## 1. Coupling vs held-out performance", "## 2. Coupling vs training step",
+              "## 3. LSS and expodistance vs training step")
+    if lm is None:
+        for t in titles:
+            w.text(t)
+            w.text("_Skipped: the `lm` table is missing or empty._")
+        return
+    w.text(titles[0])
+    fm = final_main(lm)
+    present = [t for t in targets if t in fm and fm[t].notna().any()]
+    if fm.empty or not present:
+        w.text("_Skipped: no final checkpoint with a main-scan coupling and a metric._")
+    for target in present:
+        w.figure(f"performance_{target}", fig_performance(fm, target), target)
+        w.table(f"predictors_{target}", predictors(fm, target, n_boot=n_boot),
+                f"{target} ~ predictor across {len(fm)} models (bootstrap 95% CIs)")
+    if present:
+        w.table("partial", partial_table(fm, present),
+                "partial correlation of coupling with each metric, controls held fixed")
+    w.text(titles[1])
+    w.figure("coupling_vs_step", fig_coupling_vs_step(lm), "coupling vs step")
+    w.table("step_table", step_table(lm), "peak, end and monotonicity per model and scan")
+    w.text(titles[2])
+    w.figure("regularity_vs_step", fig_regularity_vs_step(lm), "LSS and expodistance vs step")
