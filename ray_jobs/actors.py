@@ -145,18 +145,20 @@ class StageWorker:
         stage's trajectory slice.  Frees the prompt's cache."""
         from .stage import trajectory_of
 
-        entry = self._fwd(key, x_in)
-        factors = list(parts[:n_stages])
-        out = {"rows": None, "regularity": None, "tokens": None}
-        s = self.settings
-        if "depth" in s.measures:
-            out["rows"] = self.stage.couple(entry["rec"], entry.get("kept"), factors, s)
-        if "regularity" in s.measures and self.stage.last:
-            out["regularity"] = self.stage.regularity(trajectory_of(parts[n_stages:]), s)
-        if "tokens" in s.measures and self.owns_token_layers():
-            out["tokens"] = self.stage.tokens(entry["rec"], s)
-        self.cache.pop(key, None)
-        return out
+        try:
+            entry = self._fwd(key, x_in)
+            factors = list(parts[:n_stages])
+            out = {"rows": None, "regularity": None, "tokens": None}
+            s = self.settings
+            if "depth" in s.measures:
+                out["rows"] = self.stage.couple(entry["rec"], entry.get("kept"), factors, s)
+            if "regularity" in s.measures and self.stage.last:
+                out["regularity"] = self.stage.regularity(trajectory_of(parts[n_stages:]), s)
+            if "tokens" in s.measures and self.owns_token_layers():
+                out["tokens"] = self.stage.tokens(entry["rec"], s)
+            return out
+        finally:
+            self.cache.pop(key, None)       # a failed prompt's cache is freed too
 
     def owns_token_layers(self) -> bool:
         from coupling.prompt_steps import token_layers

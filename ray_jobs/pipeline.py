@@ -38,15 +38,22 @@ def _run_stages(job, f, placement, todo, opts, worker_cls, on_shard, rep, prog):
         rep["actors"] = _wait_ready(actors, opts.placement_timeout_s,
                                     f"{S} stage(s) of {job.source}")
         prog.start()
-        _pipeline(actors, todo, sc.settings, opts.max_in_flight or 2, S, on_shard, torch)
+        _pipeline(actors, todo, sc.settings, opts.max_in_flight or 2, S, on_shard, torch,
+                  sc.fail_fast)
     finally:
         for a in actors:
             ray.kill(a)
         remove_placement_group(pg)
 
 
-def _pipeline(actors, todo, settings, max_in_flight, lookahead, on_shard, torch):
+def _pipeline(actors, todo, settings, max_in_flight, lookahead, on_shard, torch,
+              fail_fast: bool = False):
     """Feed prompts through the stages; several prompts are in the pipe at once.
+
+    A prompt whose analysis raises on any stage (a ValueError or FloatingPointError: a zero
+    step, a non-finite Jacobian) is recorded as a failure of its shard and the others go
+    on, as on replicas and in the local scan; ``fail_fast`` makes it fatal.  Anything else
+    (an actor that died, a bug) stops the scan.
 
     Submission order per actor is execution order, so ``forward``/``decompose`` of the next
     ``lookahead`` prompts are queued before a prompt's ``couple`` (which waits for every
@@ -56,6 +63,8 @@ def _pipeline(actors, todo, settings, max_in_flight, lookahead, on_shard, torch)
     from ray.exceptions import RayActorError, RayTaskError
 
     from coupling.prompt_steps import assemble
+    from coupling.errors import first_line
+    from coupling.scan import PromptFailed, failure_record
 
     S = len(actors)
     front, inflight = deque(), deque()
@@ -83,22 +92,34 @@ def _pipeline(actors, todo, settings, max_in_flight, lookahead, on_shard, torch)
 
     def finish_oldest():
         shard, pos, refs = inflight.popleft()
+        pid = shard.prompt_ids[pos]
         try:
             parts = ray.get(refs)
         except RayTaskError as e:
-            _raise_task_error(e)
+            cause = getattr(e, "cause", None)
+            if not isinstance(cause, (ValueError, FloatingPointError)):
+                _raise_task_error(e)
+            if fail_fast:
+                raise PromptFailed(f"prompt {pid} failed ({first_line(cause)}); without "
+                                   "fail_fast it is recorded in failures.json and the scan "
+                                   "goes on") from None
+            buffers[shard.index][pos] = failure_record(pid, cause)
+            parts = None
         except RayActorError as e:
             raise RuntimeError(f"a stage actor died beyond its restarts ({_first_line(e)}): "
                                "rerun the same command to resume (finished shards are kept)") \
                 from None
-        n = len(shard.token_ids[pos])
-        reg = next((p["regularity"] for p in parts if p["regularity"] is not None), None)
-        tok = next((p["tokens"] for p in parts if p["tokens"] is not None), None)
-        depth = [p["rows"] for p in parts] if parts[0]["rows"] is not None else None
-        buffers[shard.index][pos] = assemble(shard.prompt_ids[pos], n, shard.metas[pos], depth,
-                                             tok, reg)
-        if all(r is not None for r in buffers[shard.index]):
-            on_shard(by_index[shard.index], buffers.pop(shard.index))
+        if parts is not None:
+            n = len(shard.token_ids[pos])
+            reg = next((p["regularity"] for p in parts if p["regularity"] is not None), None)
+            tok = next((p["tokens"] for p in parts if p["tokens"] is not None), None)
+            depth = [p["rows"] for p in parts] if parts[0]["rows"] is not None else None
+            buffers[shard.index][pos] = assemble(pid, n, shard.metas[pos], depth, tok, reg)
+        done = buffers[shard.index]
+        if all(r is not None for r in done):
+            buffers.pop(shard.index)
+            on_shard(by_index[shard.index], [r for r in done if not isinstance(r, dict)],
+                     [r for r in done if isinstance(r, dict)])
 
     for shard in todo:
         for pos in range(len(shard)):

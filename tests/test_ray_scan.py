@@ -185,24 +185,30 @@ def test_coupling_scan_ray_of_one_model_writes_the_local_layout(ray_address, ray
     assert coupling_main(argv) == 2          # a finished scan is not overwritten silently
 
 
-def test_a_failing_prompt_on_a_replica_is_recorded_and_the_others_finish(
-        ray_address, degenerate, tmp_path, capsys):
+@pytest.mark.parametrize("placement", ["replicas", "stages"])
+def test_a_failing_prompt_is_recorded_and_the_others_finish(
+        ray_address, degenerate, tmp_path, capsys, placement):
     """A prompt whose analysis really fails (``test_resume``'s token embedded at 1e18: a zero
-    step ``x^1 == x^0``) in the middle of a replica's shard: recorded in ``failures.json`` with
-    its layer, the shard's other prompts equal a local scan of them alone, exit code 3;
-    ``--fail-fast`` makes it fatal (one line, exit code 2)."""
+    step ``x^1 == x^0``) in the middle of a shard, on a replica or on a pipeline of two
+    block-range stages (where the last stage's regularity finds it): recorded in
+    ``failures.json`` with its layer, the shard's other prompts equal a local scan of them
+    alone, exit code 3; ``--fail-fast`` makes it fatal (one line, exit code 2)."""
     from coupling.cli import main as coupling_main
     from coupling.scan import scan
 
     model, prompts, healthy = degenerate
-    base = ["--model", str(model), "--prompts", str(prompts), "--k", "4", "--no-figures"]
+    cfg = tmp_path / "placement.yaml"
+    cfg.write_text("placement: stages\nstages: 2\n" if placement == "stages"
+                   else "placement: replicas\n")
+    base = ["--config", str(cfg), "--model", str(model), "--prompts", str(prompts), "--k", "4",
+            "--no-figures"]
     alone = scan(str(model), out=str(tmp_path / "alone"), prompts=str(healthy), k=4,
                  figures=False, progress=False)
     out = tmp_path / "run"
     rc = coupling_main(["scan", "--ray", ray_address, "--out", str(out), *base])
     printed = capsys.readouterr().out
     assert rc == 3, printed
-    assert ": replicas x" in printed                        # the replica path, one shard
+    assert f": {placement} x" in printed, printed           # the path under test
     assert f"failed 1 of 3 prompts (listed in {out / 'failures.json'})" in printed
     (f,) = json.loads((out / "failures.json").read_text())["failures"]
     assert f["prompt_id"] == "zebra" and f["layer"] == 1
@@ -229,3 +235,4 @@ def test_a_failing_prompt_on_a_replica_is_recorded_and_the_others_finish(
     assert rc == 2 and err[-1].startswith(
         "coupling: error: prompt zebra failed (zero step: x^1 == x^0"), err[-3:]
     assert not fast.exists()
+
