@@ -88,31 +88,41 @@ def write_analyses(tables: dict, out_dir, targets=TARGETS, n_boot: int = 2000) -
     w.text("# Study analyses")
     _lm_sections(w, _present(tables, "lm"), targets, n_boot)
     w.text("## 4. Vision transformers: stochastic depth x weight decay")
-    vit = _present(tables, "vit")
-    if vit is None:
-        w.text("_Skipped: the `vit` table is missing or empty._")
-    else:
-        w.figure("vit", fig_vit(vit), "ViT coupling vs stochastic depth and accuracy")
-        for name, df in vit_tables(vit).items():
-            w.table(name, df, name)
+    _section(w, tables, "vit", _vit_section)
     w.text("## 5. Pruning")
-    pr, single = _present(tables, "pruning"), _present(tables, "pruning_single")
-    if pr is None:
-        w.text("_Skipped: the `pruning` table is missing or empty._")
-    else:
-        w.figure("pruning", fig_pruning(pr), "loss increase vs blocks removed")
-        w.table("pruning_summary", pruning_summary(pr),
-                "loss increase after 1, 2, 3 blocks removed; rank 1 = best order")
-    if single is None:
-        w.text("_Skipped: the `pruning_single` table is missing or empty._")
-    else:
-        w.figure("single_block", fig_single_block(single), "single-block removal")
-        w.table("single_block_summary", single_block_summary(single),
-                "Spearman rho of single-block loss increase with each signal")
+    _section(w, tables, "pruning", _pruning_section)
+    _section(w, tables, "pruning_single", _single_block_section)
     md = Path(out_dir) / "analyses.md"
     atomic_write(md, "\n".join(w.md).encode())
     w.paths["analyses.md"] = md
     return w.paths
+
+
+def _section(w: _Writer, tables: dict, name: str, draw):
+    """``draw(w, table)`` when the table is present, else the line saying it was skipped."""
+    df = _present(tables, name)
+    if df is None:
+        w.text(f"_Skipped: the `{name}` table is missing or empty._")
+    else:
+        draw(w, df)
+
+
+def _vit_section(w: _Writer, vit: pd.DataFrame):
+    w.figure("vit", fig_vit(vit), "ViT coupling vs stochastic depth and accuracy")
+    for name, df in vit_tables(vit).items():
+        w.table(name, df, name)
+
+
+def _pruning_section(w: _Writer, pr: pd.DataFrame):
+    w.figure("pruning", fig_pruning(pr), "loss increase vs blocks removed")
+    w.table("pruning_summary", pruning_summary(pr),
+            "loss increase after 1, 2, 3 blocks removed; rank 1 = best order")
+
+
+def _single_block_section(w: _Writer, single: pd.DataFrame):
+    w.figure("single_block", fig_single_block(single), "single-block removal")
+    w.table("single_block_summary", single_block_summary(single),
+            "Spearman rho of single-block loss increase with each signal")
 
 
 def _lm_sections(w: _Writer, lm: pd.DataFrame | None, targets, n_boot: int):
