@@ -14,14 +14,16 @@ import importlib
 # Public names -> the module that defines them.  Imported on first use (PEP 562), so that
 # `import coupling` (and `coupling --help`) costs nothing until torch is really needed.
 _LAZY = {
-    "find_blocks": "blocks", "residual_branch": "blocks",
-    "BlockJacobian": "jacobian", "NonFiniteJacobianError": "jacobian",
-    "exact_jacobian": "jacobian", "exact_jacobians": "jacobian",
-    "DenseOperator": "linop", "LinearOperator": "linop", "as_operator": "linop",
-    "LoadedModel": "loading", "ModelLoadError": "loading", "load_model": "loading",
-    "SVDResult": "svd", "randomized_svd": "svd", "top_k_svd": "svd",
-    "ForwardRecord": "trajectory", "logit_lens_head": "trajectory",
-    "run_forward": "trajectory", "trajectories": "trajectory",
+    "find_blocks": "model.blocks", "residual_branch": "model.blocks",
+    "BlockJacobian": "jacobian.block_jacobian", "NonFiniteJacobianError": "jacobian.block_jacobian",
+    "exact_jacobian": "jacobian.block_jacobian", "exact_jacobians": "jacobian.block_jacobian",
+    "DenseOperator": "jacobian.linop", "LinearOperator": "jacobian.linop",
+    "as_operator": "jacobian.linop",
+    "LoadedModel": "model.loading", "ModelLoadError": "model.loading",
+    "load_model": "model.loading",
+    "SVDResult": "spectrum.svd", "randomized_svd": "spectrum.svd", "top_k_svd": "spectrum.svd",
+    "ForwardRecord": "model.trajectory", "logit_lens_head": "model.trajectory",
+    "run_forward": "model.trajectory", "trajectories": "model.trajectory",
 }
 
 
@@ -41,7 +43,7 @@ def block_jacobian(record, layer: int, t1: int = -1, t2: int = -1,
     """Matrix-free ``J^l_{t1 t2}`` of block ``layer`` (1-based, as in the paper) of a recorded prompt.
 
     ``jacobian="local"`` (default): products touch only the tokens ``J`` depends on (one token
-    with its prefix's keys/values fixed for ``t1 == t2`` in a causal model; ``coupling.fastpath``);
+    with its prefix's keys/values fixed for ``t1 == t2`` in a causal model; ``coupling.jacobian.fastpath``);
     ``"full"``: every product goes through the block on the whole prompt.  Same values.
     The last block includes the final norm when the record's ``X^L`` does (``last_block``).
     """
@@ -53,11 +55,11 @@ def block_jacobian(record, layer: int, t1: int = -1, t2: int = -1,
     if final_norm is None and layer == record.n_layers:
         final_norm = record.final_norm   # F^L as X^L has it (Eq. 7 unless run_forward(raw))
     if jacobian == "local":
-        from .fastpath import FastBlock
+        from coupling.jacobian.fastpath import FastBlock
         fb = FastBlock(call, final_norm=final_norm, name=f"layer {layer}")
         return fb.operator(t1, t2, chunk)
-    from .blocks import residual_branch
-    from .jacobian import BlockJacobian
+    from coupling.jacobian.block_jacobian import BlockJacobian
+    from coupling.model.blocks import residual_branch
     f = residual_branch(call, final_norm=final_norm)
     return BlockJacobian(f, call.input.float(), t1, t2, chunk=chunk, name=f"layer {layer}")
 

@@ -13,11 +13,8 @@ import importlib
 import os
 import sys
 
-from .errors import first_line
-from .settings import add_flags, flag_values, yaml_only_help
-
-# The scan settings the `checkpoints` command lets a flag override (the rest: its spec).
-CHECKPOINT_SCAN_FLAGS = ("prompts", "max_prompts", "k", "measures")
+from coupling.errors import first_line
+from coupling.settings.schema import CHECKPOINT_SCAN_FLAGS, add_flags, flag_values, yaml_only_help
 
 
 class _Command:
@@ -32,7 +29,7 @@ class _Command:
 
 
 def add_scan_parser(sub):
-    """``coupling scan``: its setting flags and their help come from :mod:`coupling.settings`;
+    """``coupling scan``: its setting flags and their help come from :mod:`coupling.settings.schema`;
     the keys without a flag (config file only) and the Ray keys are listed after them."""
     epilog = "\n\n".join([yaml_only_help(), yaml_only_help(("ray",), "with --ray, config-file "
                                                                      "keys of the Ray scan")])
@@ -68,7 +65,7 @@ def add_report_parser(subparsers):
     p.add_argument("--no-compare", action="store_true", help="draw this scan alone")
     p.add_argument("--prompt", default="0", metavar="N",
                    help="prompt (index or id) of the single-prompt figures (default 0)")
-    p.set_defaults(func=_Command("coupling.report", "main_report"))
+    p.set_defaults(func=_Command("coupling.figures.report", "main_report"))
     return p
 
 
@@ -95,7 +92,7 @@ def add_correlate_parser(subparsers) -> argparse.ArgumentParser:
                    help="raw m (Eq. 13, paper Fig. 1a) or normalized m~ (Eq. 14)")
     p.add_argument("--alpha", type=float, default=0.05, help="1 - confidence of the band")
     p.add_argument("--out", default="correlate_out", help="output directory")
-    p.set_defaults(func=_Command("coupling.correlate", "cmd_correlate"))
+    p.set_defaults(func=_Command("coupling.experiments.correlate", "cmd_correlate"))
     return p
 
 
@@ -115,7 +112,7 @@ def add_perturb_parser(subparsers):
     p.add_argument("--samples", type=int, default=8, help="noise draws per level")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output directory")
-    p.set_defaults(func=_Command("coupling.perturb", "cmd_perturb"))
+    p.set_defaults(func=_Command("coupling.experiments.perturb", "cmd_perturb"))
     return p
 
 
@@ -134,11 +131,11 @@ def add_checkpoints_parser(subparsers):
                    help="also draw each checkpoint's own scan figures")
     p.add_argument("--overwrite", action="store_true", help="rescan finished steps")
     p.add_argument("--quiet", action="store_true", help="no progress output")
-    p.set_defaults(func=_Command("coupling.checkpoints", "cmd_checkpoints"))
+    p.set_defaults(func=_Command("coupling.experiments.checkpoints", "cmd_checkpoints"))
     return p
 
 
-STUDY_PHASES = ("train", "scan", "vit", "prune", "analyses")   # coupling.study.runner.PHASES
+STUDY_PHASES = ("train", "scan", "vit", "prune", "analyses")   # coupling.experiments.study.runner.PHASES
 
 
 def add_study_parser(subparsers):
@@ -173,7 +170,7 @@ def scan_config_dict(args) -> dict:
     fresh ``runs/<model>-<time>`` when no ``out`` is given."""
     import time
 
-    from .scan import load_config_file
+    from coupling.scan import load_config_file
 
     data = load_config_file(args.config) if args.config else {}
     data.update(flag_values(args))
@@ -184,13 +181,14 @@ def scan_config_dict(args) -> dict:
 
 
 def cmd_scan(args) -> int:
-    from .scan import ScanConfig, scan
+    from coupling.scan import ScanConfig, scan
 
     if args.dry_run and not args.ray:
         raise ValueError("--dry-run prints a Ray scan's placement plan: add --ray [ADDRESS]")
     data = scan_config_dict(args)
     if args.ray:
-        from ray_jobs.scan import run_from_cli  # the distributed scanner (Ray) lives outside the library
+        from ray_jobs.scan import \
+            run_from_cli  # the distributed scanner (Ray) lives outside the library
         return run_from_cli(data, address=None if args.ray == "local" else args.ray,
                             dry_run=args.dry_run)
     config = ScanConfig.from_dict(data)
@@ -204,8 +202,8 @@ def cmd_scan(args) -> int:
 
 
 def cmd_study(args) -> int:
-    from .study.config import load_study
-    from .study.runner import LocalScanner, run_study
+    from coupling.experiments.study.config import load_study
+    from coupling.experiments.study.runner import LocalScanner, run_study
 
     phases = tuple(x.strip() for x in args.phases.split(",") if x.strip())
     bad = sorted(set(phases) - set(STUDY_PHASES))
@@ -228,7 +226,7 @@ def cmd_study(args) -> int:
 
 
 def print_summary(result):
-    from .results import reliability_lines
+    from coupling.results.scan_output import reliability_lines
 
     s = result.summary
     m = result.manifest["model"]

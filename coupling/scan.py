@@ -5,7 +5,7 @@
 output directory) before the first Jacobian is taken, so bad input costs seconds and leaves
 nothing behind.
 
-Each finished prompt is saved at once in ``OUT.partial/`` (``coupling.store``); rerunning
+Each finished prompt is saved at once in ``OUT.partial/`` (``coupling.results.store``); rerunning
 the same scan after a crash computes only the prompts not saved there.  A prompt whose
 analysis raises is recorded (``failures.json``) and the others go on, unless ``fail_fast``.
 """
@@ -24,14 +24,17 @@ from pathlib import Path
 
 import yaml
 
-from .analysis import ScanSettings, analyze_prompt, jacobian_function_report
-from .loading import LoadedModel, load_model
-from .prompts import Prompt, load_prompts, tokenize_prompt
-from .errors import first_line
-from .owned import LocalTree, check_replaceable, remove_owned, root_kind
-from .settings import check_keys, names, settings_dataclass
-from .results import ScanResult, check_output_dir, read_scan_output, write_scan_output
-from .store import ShardStore, plan_shards
+from coupling.analysis.prompt import analyze_prompt, jacobian_function_report
+from coupling.errors import first_line
+from coupling.model.loading import LoadedModel, load_model
+from coupling.prompts.jsonl import Prompt
+from coupling.prompts.sources import load_prompts, tokenize_prompt
+from coupling.results.owned import LocalTree, check_replaceable, remove_owned, root_kind
+from coupling.results.scan_output import (ScanResult, check_output_dir, read_scan_output,
+                                          write_scan_output)
+from coupling.results.store import ShardStore, plan_shards
+from coupling.settings.scan_settings import ScanSettings
+from coupling.settings.schema import check_keys, names, settings_dataclass
 
 SETTINGS_KEYS = names("analysis")      # the YAML keys that go to ScanSettings
 LOCAL_SHARD_SIZE = 1     # every finished prompt is saved at once (a crash loses at most one)
@@ -39,7 +42,7 @@ LOCAL_SHARD_SIZE = 1     # every finished prompt is saved at once (a crash loses
 
 @settings_dataclass("scan")
 class ScanConfig:
-    """One local scan: the ``scan`` settings of :mod:`coupling.settings` (model, prompts,
+    """One local scan: the ``scan`` settings of :mod:`coupling.settings.schema` (model, prompts,
     output; listed there once, with their help) and the per-prompt ``settings``."""
 
     settings: ScanSettings = field(default_factory=ScanSettings)
@@ -165,7 +168,7 @@ def scan(model: str | None = None, *, config: ScanConfig | None = None, progress
     remove_store(store)
     result = read_scan_output(out)
     if cfg.figures:
-        from .report import draw_figures
+        from coupling.figures.report import draw_figures
         draw_figures(out)
     return result
 

@@ -11,7 +11,8 @@ import os
 
 import torch
 
-from coupling.analysis import ScanSettings, analyze_prompt
+from coupling.analysis.prompt import analyze_prompt
+from coupling.settings.scan_settings import ScanSettings
 
 
 def _node_id() -> str | None:
@@ -53,7 +54,7 @@ class ReplicaWorker:
     def _load(self, spec: dict):
         if self.spec == spec:
             return
-        from coupling.loading import load_model
+        from coupling.model.loading import load_model
 
         self.spec, self.lm = None, None            # free the previous copy first
         self.lm = load_model(spec["source"], revision=spec["revision"], dtype=spec["dtype"],
@@ -103,7 +104,7 @@ class StageWorker:
     def __init__(self, source: str, revision, config, lo: int, hi: int, dtype: str,
                  settings: ScanSettings, block_path=None, trust_remote_code: bool = False,
                  threads: int | None = 1, use_gpu: bool = False):
-        from .stage import StageModel
+        from ray_jobs.stage import StageModel
 
         _threads(threads)
         self.settings = settings
@@ -139,11 +140,11 @@ class StageWorker:
         return factors
 
     def couple(self, key, x_in, n_stages: int, *parts) -> dict:
-        """This stage's parts of the prompt's result (``coupling.prompt_steps``): its rows of
+        """This stage's parts of the prompt's result (``coupling.analysis.steps``): its rows of
         the coupling grids, the regularity (last stage), the token grids (the stage owning
         both token layers).  ``parts``: every stage's factors, then (last stage only) every
         stage's trajectory slice.  Frees the prompt's cache."""
-        from .stage import trajectory_of
+        from ray_jobs.stage import trajectory_of
 
         try:
             entry = self._fwd(key, x_in)
@@ -161,7 +162,7 @@ class StageWorker:
             self.cache.pop(key, None)       # a failed prompt's cache is freed too
 
     def owns_token_layers(self) -> bool:
-        from coupling.prompt_steps import token_layers
+        from coupling.analysis.steps import token_layers
 
         l, lp = token_layers(self.settings, self.stage.n_layers)
         return l in self.stage.layers and lp in self.stage.layers

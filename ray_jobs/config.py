@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from coupling.scan import ScanConfig
-from coupling.settings import BY_NAME, check_keys, names, settings_dataclass
+from coupling.settings.schema import BY_NAME, check_keys, names, settings_dataclass
 
 # Keys of the local scan that belong to a model (a models[] entry may set them).
 MODEL_KEYS = tuple(s.name for s in BY_NAME.values() if s.per_model and s.group == "scan")
@@ -37,7 +37,7 @@ PLACEMENTS = BY_NAME["placement"].choices
 
 @settings_dataclass("ray")
 class RayOptions:
-    """How work is spread over the cluster: the ``ray`` settings of :mod:`coupling.settings`
+    """How work is spread over the cluster: the ``ray`` settings of :mod:`coupling.settings.schema`
     (top-level YAML keys of the same names; listed there once, with their help)."""
 
     def __post_init__(self):
@@ -70,7 +70,7 @@ class ModelJob:
 
     @property
     def source(self) -> str:
-        from coupling.loading import TINY_MODEL_DIR
+        from coupling.model.loading import TINY_MODEL_DIR
         return str(self.scan.model) if self.scan.model is not None else str(TINY_MODEL_DIR)
 
 

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from coupling.loading import (LoadedModel, ModelLoadError, _hidden_size, _load_hint, _num_layers,
-                              _weights_hash, parse_dtype)
-from coupling.prompts import load_prompts
+from coupling.model.loading import (LoadedModel, ModelLoadError, _hidden_size, _load_hint,
+                                    _num_layers, _weights_hash, parse_dtype)
+from coupling.prompts.sources import load_prompts
 from coupling.scan import tokenize_all
-
-from .config import ModelJob
-from .sizing import ModelSizes
-from .weights import build_skeleton, dtype_bytes, model_layout
+from ray_jobs.config import ModelJob
+from ray_jobs.sizing import ModelSizes
+from ray_jobs.weights import build_skeleton, dtype_bytes, model_layout
 
 
 @dataclass

@@ -7,7 +7,7 @@ a driver on another machine can resume from the URI, and the reduced per-model f
 ``models.parquet`` at the end.  A resumed run first downloads the shard files it finds under
 the URI (only names the shard store writes; anything else is reported and left there).
 
-The root carries the project's marker (``coupling.owned``, kind ``ray``); ``--overwrite``
+The root carries the project's marker (``coupling.results.owned``, kind ``ray``); ``--overwrite``
 deletes only files the project wrote there, one by one, and refuses -- deleting nothing --
 when anything else is there.
 """
@@ -18,8 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from coupling.owned import (MARKER, SHARD_FILE, ForeignContentError, FsspecTree, LocalTree,
-                            remove_owned, root_kind, write_marker)
+from coupling.results.owned import (MARKER, SHARD_FILE, ForeignContentError, FsspecTree, LocalTree,
+                                    remove_owned, root_kind, write_marker)
 
 REPORT = "ray_scan.json"      # config, versions, per-model report
 SHARDS_DIR = "_shards"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from .launch import _actor_options, _first_line, _raise_task_error, _threads, _wait_ready
+from ray_jobs.launch import _actor_options, _first_line, _raise_task_error, _threads, _wait_ready
 
 
 def _run_stages(job, f, placement, todo, opts, worker_cls, on_shard, rep, prog):
@@ -62,7 +62,7 @@ def _pipeline(actors, todo, settings, max_in_flight, lookahead, on_shard, torch,
     import ray
     from ray.exceptions import RayActorError, RayTaskError
 
-    from coupling.prompt_steps import assemble
+    from coupling.analysis.steps import assemble
     from coupling.errors import first_line
     from coupling.scan import PromptFailed, failure_record
 

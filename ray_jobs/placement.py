@@ -11,7 +11,7 @@ Sizes come from the weightless skeleton (``ray_jobs.weights``), resources from `
   placement group.  ``S`` is the smallest count whose largest stage fits.
 
 The numbers these choices rest on (worker memory, balanced block ranges, GPUs and the device
-map of one replica) are in :mod:`ray_jobs.sizing`; its public names are re-exported here.
+map of one replica) are in :mod:`ray_jobs.sizing`.
 Here: the nodes of the cluster, the decision (:func:`plan_placement`) and the plan as printed.
 """
 from __future__ import annotations
@@ -20,23 +20,13 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from coupling.analysis import ScanSettings
+from coupling.settings.scan_settings import ScanSettings
+from ray_jobs.sizing import (GB, ModelSizes, PlacementError, balanced_ranges, device_map_summary,
+                             gpu_reserve, gpus_for_replica, pipeline_depth, replica_memory,
+                             stage_memory)
 
-from .sizing import (ACTIVATIONS, GB, PROCESS_OVERHEAD, ModelSizes, PlacementError,
-                     accelerate_device_map, balanced_ranges, chunk_memory, device_map_summary,
-                     gpu_reserve, gpus_for_replica, held_memory, pipeline_depth,
-                     replica_device_map, replica_memory, stage_memory, transient_memory)
-
-__all__ = [
-    # re-exported from ray_jobs.sizing
-    "ACTIVATIONS", "GB", "PROCESS_OVERHEAD", "ModelSizes", "PlacementError",
-    "accelerate_device_map", "balanced_ranges", "chunk_memory", "device_map_summary",
-    "gpu_reserve", "gpus_for_replica", "held_memory", "pipeline_depth", "replica_device_map",
-    "replica_memory", "stage_memory", "transient_memory",
-    # the cluster, the decision and the plan
-    "GPU_MEMORY_GB", "GPU_MEMORY_RESOURCE", "NodeInfo", "Placement", "cluster_nodes",
-    "launchable_nodes", "plan_placement", "format_plan",
-]
+__all__ = ["GPU_MEMORY_GB", "GPU_MEMORY_RESOURCE", "NodeInfo", "Placement", "cluster_nodes",
+           "launchable_nodes", "plan_placement", "format_plan"]
 
 # GPU memory by Ray accelerator type (``accelerator_type:<name>`` resource), in GB.
 GPU_MEMORY_GB = {"A10G": 24, "L4": 24, "T4": 16, "V100": 16, "A100": 40, "A100-40G": 40,

@@ -3,7 +3,7 @@
 map) and prints it; ``--dry-run`` stops here."""
 from __future__ import annotations
 
-from .connect import connect
+from ray_jobs.connect import connect
 
 
 def _check_job(job, f):
@@ -11,7 +11,7 @@ def _check_job(job, f):
     if forced_stages and job.scan.random_init:
         raise ValueError(f"model {job.source}: random_init cannot use block-range stages (each "
                          "stage would have to draw the whole model): save the random model with "
-                         "coupling.zoo.save_random and scan that folder")
+                         "coupling.model.zoo.save_random and scan that folder")
     if job.stages is not None and job.stages > f.sizes.n_layers:
         raise ValueError(f"model {job.source}: stages={job.stages} is more than its "
                          f"{f.sizes.n_layers} blocks")
@@ -24,8 +24,8 @@ def _plan(job, f, shards) -> dict:
 
 
 def _placement(job, f, todo, opts):
-    from .placement import cluster_nodes, plan_placement
-    from .stage import token_layers
+    from coupling.analysis.steps import token_layers
+    from ray_jobs.placement import cluster_nodes, plan_placement
 
     nodes = cluster_nodes(opts.gpu_memory_gb, opts.autoscaler_config)
     p = plan_placement(f.sizes, job.scan.settings, f.max_tokens, nodes,
@@ -39,7 +39,7 @@ def _placement(job, f, todo, opts):
     if p.kind == "stages":
         if job.scan.random_init:
             raise ValueError(f"model {job.source} (random_init) does not fit one node: save "
-                             "it with coupling.zoo.save_random and scan the folder")
+                             "it with coupling.model.zoo.save_random and scan the folder")
         if "tokens" in s.measures:
             l, lp = token_layers(s, f.sizes.n_layers)
             if not any(lo < l <= hi and lo < lp <= hi for lo, hi in p.ranges):
@@ -53,9 +53,9 @@ def _with_device_map(job, f, todo, opts, nodes, p):
     """GPU replicas: Accelerate's map of one copy over its GPUs (on the weightless skeleton),
     with the GPUs it really needs -- its greedy fill can need one more than the planner's
     block partition; then the plan is redone with that many GPUs per replica."""
-    from .placement import plan_placement
-    from .sizing import replica_device_map
-    from .weights import build_skeleton
+    from ray_jobs.placement import plan_placement
+    from ray_jobs.sizing import replica_device_map
+    from ray_jobs.weights import build_skeleton
 
     skeleton = build_skeleton(f.config, job.scan.dtype, job.scan.trust_remote_code)
     most = int(max((n.gpus for n in nodes), default=0))
@@ -71,7 +71,7 @@ def _with_device_map(job, f, todo, opts, nodes, p):
 
 
 def _print_plan(job, f, placement, n_done: int):
-    from .placement import format_plan
+    from ray_jobs.placement import format_plan
 
     if placement is None:
         print(f"plan {job.key}: nothing to do ({n_done} shard(s) already finished)", flush=True)
@@ -82,7 +82,7 @@ def _print_plan(job, f, placement, n_done: int):
 def _dry_run(cfg, facts) -> dict:
     """Connect, plan every model for all its shards, print the plans; start no actor and
     write nothing (a resumed run would only plan its unfinished shards)."""
-    from coupling.store import plan_shards
+    from coupling.results.store import plan_shards
 
     opts = cfg.options
     started = connect(opts.address)

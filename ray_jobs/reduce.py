@@ -1,7 +1,7 @@
 """Reducer: finished shards -> the local scan's output folder per model + ``models.parquet``.
 
 Per (model, revision) the prompts' ``PromptResult`` objects are written by the library's own
-``coupling.results.write_scan_output`` into ``OUT/<model-key>/`` (identical layout to
+``coupling.results.scan_output.write_scan_output`` into ``OUT/<model-key>/`` (identical layout to
 ``coupling scan``), so ``coupling report`` / ``coupling correlate`` read it unchanged.
 
 ``OUT/models.parquet`` has one row per (model, revision).  Sign convention (``coupling
@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from coupling.owned import atomic_write
-from coupling.results import write_scan_output
+from coupling.results.owned import atomic_write
+from coupling.results.scan_output import write_scan_output
 from coupling.scan import build_manifest
 
 MODEL_COLUMNS = ("model", "revision", "params", "layers", "d_model", "coupling_mean",
@@ -36,7 +36,7 @@ def write_model_output(folder, job, info: dict, results, timings: dict, ray_info
     manifest["prompts"] = {"total": len(results) + len(failures), "failed": len(failures)}
     out = write_scan_output(folder, manifest, results, overwrite=True, failures=failures)
     if job.scan.figures:
-        from coupling.report import draw_figures
+        from coupling.figures.report import draw_figures
         draw_figures(out)
     return out
 

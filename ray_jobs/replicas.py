@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from .launch import _actor_options, _first_line, _raise_task_error, _threads
+from ray_jobs.launch import _actor_options, _first_line, _raise_task_error, _threads
 
 
 class ReplicaPool:

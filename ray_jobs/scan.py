@@ -26,17 +26,15 @@ import time
 from pathlib import Path
 
 from coupling.errors import first_line
+from ray_jobs.config import RayScanConfig, parse_config
+from ray_jobs.connect import check_address, connect
+from ray_jobs.pipeline import _run_stages
+from ray_jobs.planning import _check_job, _dry_run, _placement, _plan, _print_plan
+from ray_jobs.progress import Progress
+from ray_jobs.replicas import ReplicaPool, _run_replicas
 
-from .config import RayScanConfig, parse_config
-from .connect import check_address, connect, ray_env
-from .pipeline import _run_stages
-from .planning import _check_job, _dry_run, _placement, _plan, _print_plan
-from .progress import Progress
-from .replicas import ReplicaPool, _run_replicas
-
-# The public API (``ray_env`` is re-exported for the tests and benchmarks that start Ray).
-__all__ = ["run_scan", "run_from_cli", "main", "build_parser", "print_report", "ray_env",
-           "connect", "check_address"]
+# The public API.
+__all__ = ["run_scan", "run_from_cli", "main", "build_parser", "print_report"]
 PROG = "ray_jobs.scan"
 
 
@@ -53,13 +51,12 @@ def run_scan(cfg: RayScanConfig, progress: bool = True, dry_run: bool = False,
 
     The placement plan of every model is printed (stdout) before any actor starts;
     ``dry_run`` prints only the plan: no actor, nothing written."""
+    from coupling.results.owned import MARKER
+    from coupling.results.store import ShardStore, plan_shards
     from coupling.scan import package_versions
-
-    from coupling.store import ShardStore, plan_shards
-
-    from .actors import ReplicaWorker, StageWorker
-    from .models import inspect_model
-    from .output import MARKER, SHARDS_DIR, Output
+    from ray_jobs.actors import ReplicaWorker, StageWorker
+    from ray_jobs.models import inspect_model
+    from ray_jobs.output import SHARDS_DIR, Output
 
     opts = cfg.options
     check_address(opts.address)
@@ -124,7 +121,7 @@ def run_scan(cfg: RayScanConfig, progress: bool = True, dry_run: bool = False,
                 rep["prompts_per_s"] = prog.rate
             results, failures = store.read_all_with_failures(shards)
             rows.append(_reduce(job, f, results, failures, output, rep))
-        from .reduce import write_models_table
+        from ray_jobs.reduce import write_models_table
         write_models_table(output.local, rows)
         output.push("models.parquet")
         report["seconds"] = time.perf_counter() - t_start
@@ -146,8 +143,7 @@ def _reduce(job, f, results, failures, output, rep) -> dict:
     """``OUT/<key>/`` of one model; its failed prompts (resumed shards' included) are counted
     in ``rep`` and listed in its ``failures.json``."""
     from coupling.scan import PromptFailed
-
-    from .reduce import model_row, write_model_output
+    from ray_jobs.reduce import model_row, write_model_output
 
     rep["prompts_failed"], rep["prompts_total"] = len(failures), len(results) + len(failures)
     rep["failures_file"] = f"{job.scan.out}/failures.json"
@@ -169,9 +165,8 @@ def _reduce(job, f, results, failures, output, rep) -> dict:
 
 
 def _write_report(output, cfg, versions, report):
-    from coupling.owned import atomic_write
-
-    from .output import REPORT
+    from coupling.results.owned import atomic_write
+    from ray_jobs.output import REPORT
 
     data = {"format": "coupling-ray-scan/1", "out": cfg.out, "config": cfg.raw,
             "models": [j.key for j in cfg.jobs], "versions": versions, "report": report,
@@ -241,7 +236,7 @@ def run_from_cli(config_dict: dict, address: str | None = None, dry_run: bool = 
     final = data.get("out")
     flat = bool(final) and "://" not in str(final) and "models" not in data
     if flat:
-        from coupling.results import check_output_dir
+        from coupling.results.scan_output import check_output_dir
 
         check_output_dir(final, bool(data.get("overwrite")))   # before any work
         data["out"] = str(final).rstrip("/") + ".ray"
@@ -262,7 +257,7 @@ def run_from_cli(config_dict: dict, address: str | None = None, dry_run: bool = 
 def _move_single_result(cfg, final: Path) -> Path:
     """``OUT.ray/<key>/`` -> ``OUT`` (atomic, replacing only a scan output), then the work
     folder's own files removed."""
-    from coupling.owned import LocalTree, remove_owned, replace_dir
+    from coupling.results.owned import LocalTree, remove_owned, replace_dir
 
     work = Path(cfg.out)
     replace_dir(work / cfg.jobs[0].key, final)

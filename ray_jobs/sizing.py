@@ -23,8 +23,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from coupling.analysis import ScanSettings
-from coupling.svd import resolve_method
+from coupling.settings.scan_settings import ScanSettings
+from coupling.spectrum.svd import resolve_method
 
 GB = 1024 ** 3
 PROCESS_OVERHEAD = int(0.5 * GB)   # python + torch + transformers in a worker process
@@ -176,7 +176,7 @@ def accelerate_device_map(skeleton, n_gpus: int, budget: int) -> dict | None:
 
     from accelerate import infer_auto_device_map
 
-    from coupling.blocks import find_blocks
+    from coupling.model.blocks import find_blocks
 
     _, blocks = find_blocks(skeleton)
     log = logging.getLogger("accelerate.utils.modeling")

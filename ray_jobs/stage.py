@@ -15,13 +15,13 @@ Per prompt a stage does three things (each a Ray actor method in ``ray_jobs.acto
     Jacobians never move); the last stage also computes the regularity measures from the full
     trajectory and the logit lens (it holds the final norm and unembedding).
 
-Each is a thin wrapper over the steps of ``coupling.prompt_steps`` -- the ones
-``coupling.analysis.analyze_prompt`` runs on the whole model -- and ``assemble`` there builds
+Each is a thin wrapper over the steps of ``coupling.analysis.steps`` -- the ones
+``coupling.analysis.prompt.analyze_prompt`` runs on the whole model -- and ``assemble`` there builds
 the prompt's result from the stages' parts.
 
 **Block arguments** (attention masks, position ids, rotary ``position_embeddings``...) are
 not rebuilt per family.  The stage runs the model's own ``forward`` with every block replaced
-by a pass-through stub and records the stubs' calls with ``coupling.blocks.CallRecorder``;
+by a pass-through stub and records the stubs' calls with ``coupling.model.blocks.CallRecorder``;
 the last stub stops the forward, so no block and no head is computed.  The first stage
 passes the real ``input_ids`` (the first stub's input *is* ``X^0``); the other stages pass
 ``inputs_embeds`` of zeros, and any weight-holding module before the blocks that they do not
@@ -35,15 +35,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from coupling.analysis import PromptResult, ScanSettings
-from coupling.blocks import BlockCall, CallRecorder, find_blocks, find_final_norm
-from coupling.prompt_steps import (assemble, couple_token, decompose_token, depth_part,
-                                   layer_jacobians, lens_heads, token_grids, token_layers,
-                                   traced_tokens, trajectory_regularity)
-from coupling.trajectory import ForwardRecord, with_last_block
-
-from .weights import (build_skeleton, locate_weights, materialize, materialized_numel,
-                      model_layout)
+from coupling.analysis.steps import (PromptResult, assemble, couple_token, decompose_token,
+                                     depth_part, layer_jacobians, lens_heads, token_grids,
+                                     token_layers, traced_tokens, trajectory_regularity)
+from coupling.model.blocks import BlockCall, CallRecorder, find_blocks, find_final_norm
+from coupling.model.trajectory import ForwardRecord, with_last_block
+from coupling.settings.scan_settings import ScanSettings
+from ray_jobs.weights import (build_skeleton, locate_weights, materialize, materialized_numel,
+                              model_layout)
 
 
 class _StopForward(Exception):
@@ -217,7 +216,7 @@ class StageModel:
     # -- step 3: coupling rows (+ regularity on the last stage) --------------------------
     def couple(self, record: ForwardRecord, kept: dict | None, all_factors: list,
                settings: ScanSettings) -> dict:
-        """This stage's ``coupling.prompt_steps.depth_part``: its rows of the normalized and
+        """This stage's ``coupling.analysis.steps.depth_part``: its rows of the normalized and
         raw grids averaged over traced tokens, the spectra of its layers at the last token,
         their flags per traced token.  ``kept``: ``decompose``'s first output (None on a
         restarted actor); ``all_factors``: every stage's factors."""
@@ -306,10 +305,10 @@ def _put(parent, key, module):
 
 
 def _n_layers(config) -> int | None:
-    from coupling.loading import _num_layers
+    from coupling.model.loading import _num_layers
     return _num_layers(config)
 
 
 def _hidden(config) -> int:
-    from coupling.loading import _hidden_size
+    from coupling.model.loading import _hidden_size
     return _hidden_size(config)

@@ -1,5 +1,5 @@
 """The study's scanner on Ray: every checkpoint of the suite is one model of a distributed
-scan (replica actors over models), one scan per variant (``coupling.study.runner``).
+scan (replica actors over models), one scan per variant (``coupling.experiments.study.runner``).
 
 Ray is started once for all variants and shut down by :meth:`RayScanner.close`.  Each
 variant's root (``OUT/scans/<variant>/``) is an ordinary Ray scan output: rerunning the study
@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import parse_config
-from .connect import connect
-from .scan import run_scan
+from ray_jobs.config import parse_config
+from ray_jobs.connect import connect
+from ray_jobs.scan import run_scan
 
 
 class RayScanner:

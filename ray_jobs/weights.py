@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from coupling.blocks import find_blocks, find_final_norm
+from coupling.model.blocks import find_blocks, find_final_norm
 # the Auto-class choice must match load_model's
-from coupling.loading import _model_class, parse_dtype
+from coupling.model.loading import _model_class, parse_dtype
 
 DTYPE_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 INDEX_FILE = "model.safetensors.index.json"

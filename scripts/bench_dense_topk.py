@@ -5,7 +5,7 @@ Once the scan has a dense ``J^l_{tt}`` (``svd: auto``, d <= 2048), its top-K tri
 either from ``torch.linalg.svd`` of the whole matrix or from ARPACK (``svds``, ``tol=0``) on
 it; both are exact.  This times both on real one-token Jacobians of random-init GPT-2-style
 blocks (layer 2 of 2, the last token of a random prompt of 64 tokens) and reports the
-choice of :func:`coupling.svd.full_svd_pays` next to the faster one.
+choice of :func:`coupling.spectrum.svd.full_svd_pays` next to the faster one.
 
     python3 scripts/bench_dense_topk.py                     # d 768 1024 2048, K 10 20 50
 """
@@ -28,9 +28,9 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=2)
     args = p.parse_args(argv)
     start("bench_dense_topk", args.threads)
-    from coupling.fastpath import FastBlock
-    from coupling.linop import as_operator
-    from coupling.svd import _lanczos, full_svd_pays, svd_of_dense
+    from coupling.jacobian.fastpath import FastBlock
+    from coupling.jacobian.linop import as_operator
+    from coupling.spectrum.svd import _lanczos, full_svd_pays, svd_of_dense
 
     rows = ["| d | K | full SVD (s) | ARPACK (s) | faster | auto picks | max rel. s.v. diff |",
             "|---|---|---|---|---|---|---|"]

@@ -50,8 +50,8 @@ def make_inputs(work: Path, n: int, layers: int) -> tuple[Path, Path]:
     """The saved random model and a one-prompt JSONL file of exactly ``n`` tokens."""
     from transformers import AutoTokenizer
 
-    from coupling.loading import TINY_MODEL_DIR
-    from coupling.zoo import save_random, shaped_config
+    from coupling.model.loading import TINY_MODEL_DIR
+    from coupling.model.zoo import save_random, shaped_config
 
     model_dir = work / "gpt2-small-random"
     tok = AutoTokenizer.from_pretrained(TINY_MODEL_DIR)

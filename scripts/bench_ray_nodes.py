@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def build_model(work: Path) -> str:
     from transformers import AutoTokenizer
 
-    from coupling.loading import TINY_MODEL_DIR
-    from coupling.zoo import save_random, small_config
+    from coupling.model.loading import TINY_MODEL_DIR
+    from coupling.model.zoo import save_random, small_config
 
     tok = AutoTokenizer.from_pretrained(TINY_MODEL_DIR / "checkpoints" / "step-0")
     return save_random(small_config("gpt2", n_layers=4, d=32, vocab=len(tok), max_pos=64),
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
 
     import ray
 
-    from ray_jobs.scan import ray_env
+    from ray_jobs.connect import ray_env
 
     ray_env()
     work = Path(tempfile.mkdtemp(prefix="bench-nodes-"))

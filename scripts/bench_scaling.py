@@ -29,11 +29,12 @@ def measure(args) -> dict:
     import ray
     from transformers import AutoTokenizer
 
-    from coupling.loading import TINY_MODEL_DIR
+    from coupling.model.loading import TINY_MODEL_DIR
+    from coupling.model.zoo import save_random, small_config
     from coupling.scan import scan
-    from coupling.zoo import save_random, small_config
     from ray_jobs.config import parse_config
-    from ray_jobs.scan import ray_env, run_scan
+    from ray_jobs.connect import ray_env
+    from ray_jobs.scan import run_scan
 
     ray_env()
     tok = AutoTokenizer.from_pretrained(TINY_MODEL_DIR / "checkpoints" / "step-0")
@@ -77,7 +78,7 @@ def measure(args) -> dict:
 # On paper: Llama-2-70B over 8 nodes
 # ------------------------------------------------------------------------------------------
 def llama_sizes(n_layers=80, d=8192, ffn=28672, heads=64, kv_heads=8, vocab=32000, nbytes=2):
-    from ray_jobs.placement import ModelSizes
+    from ray_jobs.sizing import ModelSizes
 
     block = (2 * d * d + 2 * d * d * kv_heads // heads + 3 * d * ffn + 2 * d) * nbytes
     emb = vocab * d * nbytes
@@ -87,9 +88,9 @@ def llama_sizes(n_layers=80, d=8192, ffn=28672, heads=64, kv_heads=8, vocab=3200
 
 
 def on_paper(n_tokens=256, k=10, nodes=8, gpu_gb=24) -> dict:
-    from coupling.analysis import ScanSettings
-    from ray_jobs.placement import (GB, NodeInfo, chunk_memory, held_memory, pipeline_depth,
-                                    plan_placement)
+    from coupling.settings.scan_settings import ScanSettings
+    from ray_jobs.placement import NodeInfo, plan_placement
+    from ray_jobs.sizing import GB, chunk_memory, held_memory, pipeline_depth
 
     sizes = llama_sizes()
     s = ScanSettings(k=k, svd="lanczos")     # one-token products, 128 per batch

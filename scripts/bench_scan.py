@@ -3,7 +3,7 @@
 
 For a GPT-2-small-shaped (d=768, 12 layers) and a Llama-shaped (d=1024, GQA, 12 layers)
 random-init model and one random prompt of n tokens, what ``coupling scan --measures depth``
-does per prompt (``coupling.analysis.analyze_prompt``: the model forward, the L x L grids of
+does per prompt (``coupling.analysis.prompt.analyze_prompt``: the model forward, the L x L grids of
 mis-coupling of ``J^l_{tt}`` at the last token, everything included):
 
 * ``reference`` (the paper authors' method): ``ScanSettings(jacobian="full", svd="exact")``,
@@ -13,7 +13,7 @@ mis-coupling of ``J^l_{tt}`` at the last token, everything included):
 
 ``time / floor``: seconds over (products used x the measured cost of one product of that
 kind), products = L x d for dense Jacobians.  ``--bf16`` adds the precision study (bf16
-weights with float32 products against float32 weights, ``coupling.fastpath``).
+weights with float32 products against float32 weights, ``coupling.jacobian.fastpath``).
 
     python3 scripts/bench_scan.py                       # both shapes, K 10 50, n 64
     python3 scripts/bench_scan.py --shapes gpt2-small --k 10
@@ -52,9 +52,9 @@ def parse_args(argv=None):
 def build(shape, n_layers, n, seed, dtype=None, device="cpu"):
     import torch
 
-    from coupling.loading import LoadedModel
-    from coupling.trajectory import run_forward
-    from coupling.zoo import build_random, shaped_config
+    from coupling.model.loading import LoadedModel
+    from coupling.model.trajectory import run_forward
+    from coupling.model.zoo import build_random, shaped_config
 
     cfg = shaped_config(shape, n_layers=n_layers)
     model = build_random(cfg, seed=seed, dtype=dtype or torch.float32).to(device)
@@ -67,7 +67,8 @@ def build(shape, n_layers, n, seed, dtype=None, device="cpu"):
 
 def scan_prompt(lm, ids, k, jacobian, svd):
     """One prompt through ``analyze_prompt`` (depth only): (seconds, PromptResult)."""
-    from coupling.analysis import ScanSettings, analyze_prompt
+    from coupling.analysis.prompt import analyze_prompt
+    from coupling.settings.scan_settings import ScanSettings
 
     settings = ScanSettings(k=k, svd=svd, jacobian=jacobian, measures=("depth",))
     sync()
@@ -81,9 +82,9 @@ def product_cost(rec, t, jacobian, chunk, repeats=3):
     """Seconds per product of one batch of ``chunk`` VJPs through layer 1 (warm)."""
     import torch
 
-    from coupling.blocks import residual_branch
-    from coupling.fastpath import FastBlock
-    from coupling.jacobian import BlockJacobian
+    from coupling.jacobian.block_jacobian import BlockJacobian
+    from coupling.jacobian.fastpath import FastBlock
+    from coupling.model.blocks import residual_branch
 
     call = rec.calls[0]
     if jacobian == "local":
@@ -99,7 +100,7 @@ def product_cost(rec, t, jacobian, chunk, repeats=3):
 def fast_scan(calls, k, method, t, compute_dtype=None):
     import torch
 
-    from coupling.fastpath_svd import fast_depth_coupling
+    from coupling.measures.fastpath_svd import fast_depth_coupling
 
     kw = {}
     if method.startswith("randomized-q"):
@@ -112,7 +113,7 @@ def fast_scan(calls, k, method, t, compute_dtype=None):
 def compare(grid, ref):
     import numpy as np
 
-    from coupling.coupling_scores import mean_off_diagonal
+    from coupling.measures.coupling_scores import mean_off_diagonal
 
     m, r = mean_off_diagonal(grid), mean_off_diagonal(ref)
     off = ~np.eye(ref.shape[0], dtype=bool)
@@ -121,7 +122,7 @@ def compare(grid, ref):
 
 
 def scan_shape(shape, args, log):
-    from coupling.analysis import DEFAULT_CHUNK
+    from coupling.settings.scan_settings import DEFAULT_CHUNK
 
     lm, ids, rec, t_fwd = build(shape, args.layers, args.n, args.seed, device=args.device)
     L, t = rec.n_layers, args.n - 1
@@ -182,9 +183,9 @@ def bf16_study(shape, args, log):
     import numpy as np
     import torch
 
-    from coupling.coupling_scores import mean_off_diagonal
-    from coupling.loading import LoadedModel
-    from coupling.trajectory import run_forward
+    from coupling.measures.coupling_scores import mean_off_diagonal
+    from coupling.model.loading import LoadedModel
+    from coupling.model.trajectory import run_forward
 
     k, t = args.k[0], args.n - 1
     lm32, ids, rec32, _ = build(shape, args.layers, args.n, args.seed)

@@ -6,7 +6,7 @@ For each width ``d``, prompt length ``n`` and ``K``, on one random-init block (l
 
 * ``reference``: d VJPs through the block applied to the WHOLE prompt (``exact_jacobians`` on
   ``residual_branch``), then ``torch.linalg.svd`` of the d x d matrix;
-* ``dense``: d one-token VJPs (``coupling.fastpath``, token copies) + full SVD;
+* ``dense``: d one-token VJPs (``coupling.jacobian.fastpath``, token copies) + full SVD;
 * ``dense-lanczos``: the same dense one-token J, top-K by ARPACK on the dense matrix;
 * ``lanczos``: ARPACK on the one-token operator (nothing d x d is formed);
 * ``randomized-qN``: subspace iteration with N power steps on the one-token operator;
@@ -26,10 +26,9 @@ values against the reference.
 from __future__ import annotations
 
 import argparse
-import json
-
 import ctypes
 import gc
+import json
 import os
 import platform
 import sys
@@ -177,9 +176,9 @@ def record_prompt(config, n: int, seed: int = 0, dtype=None, device: str = "cpu"
     random prompt."""
     import torch
 
-    from coupling.loading import LoadedModel
-    from coupling.trajectory import run_forward
-    from coupling.zoo import build_random
+    from coupling.model.loading import LoadedModel
+    from coupling.model.trajectory import run_forward
+    from coupling.model.zoo import build_random
 
     model = build_random(config, seed=seed, dtype=dtype or torch.float32).to(device)
     n_layers = getattr(config, "num_hidden_layers", None) or config.n_layer
@@ -245,7 +244,7 @@ def coupling_values(J, svd, svd_ref, J_partner, svd_partner, k):
     ``(J against the partner's top-K vectors, the partner against J's top-K vectors, largest
     principal-angle sine between J's top-K singular subspaces and the reference's)``.
     """
-    from coupling.coupling_scores import coupling_matrix, mis_coupling
+    from coupling.measures.coupling_scores import coupling_matrix, mis_coupling
 
     Up, _, Vp = svd_partner.as_tuple()
     U, _, V = svd.as_tuple()
@@ -302,11 +301,11 @@ def run_config(d, n, ks, args, log):
     import torch
     from torch.func import vjp, vmap
 
-    from coupling.blocks import residual_branch
-    from coupling.fastpath import FastBlock
-    from coupling.fastpath_svd import fast_svd
-    from coupling.jacobian import BlockJacobian, exact_jacobians
-    from coupling.svd import SVDResult, svd_of_dense
+    from coupling.jacobian.block_jacobian import BlockJacobian, exact_jacobians
+    from coupling.jacobian.fastpath import FastBlock
+    from coupling.measures.fastpath_svd import fast_svd
+    from coupling.model.blocks import residual_branch
+    from coupling.spectrum.svd import SVDResult, svd_of_dense
 
     cfg = width_config(args.family, d, 2)
     _, _, rec = record_prompt(cfg, n, device=args.device)

@@ -3,7 +3,7 @@
 
 A GPT-2-small-shaped random-init model (d=768, 12 heads; ``--layers`` blocks, 3 by default),
 one random prompt of n tokens, token layers (1, 2): what ``coupling scan --measures tokens``
-does per prompt after the forward (``coupling.analysis.analyze_prompt`` with the record
+does per prompt after the forward (``coupling.analysis.prompt.analyze_prompt`` with the record
 given; its ``timings["tokens"]``, and the CPU seconds of all threads, steadier on a shared
 machine).  Each n runs in a fresh subprocess; the memory figure is
 the rise of the resident-set high-water mark over the analysis (``peak_extra_rss``: the
@@ -69,10 +69,11 @@ def child(args) -> dict:
     import torch
 
     import coupling
-    from coupling.analysis import ScanSettings, analyze_prompt
-    from coupling.loading import LoadedModel
-    from coupling.trajectory import run_forward
-    from coupling.zoo import build_random, shaped_config
+    from coupling.analysis.prompt import analyze_prompt
+    from coupling.model.loading import LoadedModel
+    from coupling.model.trajectory import run_forward
+    from coupling.model.zoo import build_random, shaped_config
+    from coupling.settings.scan_settings import ScanSettings
 
     (n,) = args.n
     cfg = shaped_config("gpt2-small", n_layers=args.layers)

@@ -30,8 +30,8 @@ def bert_folder(work: Path, seed: int) -> str:
     """A random BERT with the tiny model's width, depth and tokenizer."""
     from transformers import AutoTokenizer
 
-    from coupling.loading import TINY_MODEL_DIR
-    from coupling.zoo import save_random, small_config
+    from coupling.model.loading import TINY_MODEL_DIR
+    from coupling.model.zoo import save_random, small_config
 
     tok = AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
     cfg = small_config("bert", n_layers=6, d=64, heads=4, vocab=len(tok), max_pos=256)

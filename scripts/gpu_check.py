@@ -13,7 +13,7 @@ own subprocess with a hard time limit, so one failure or overrun does not stop t
    functions directly.
 3. ``scan``: a random Llama-7B-shaped model (32 layers, d = 4096, 32 heads, 8 KV heads,
    ffn 11008; bf16 weights, eager attention) and one prompt of 64 random token ids through
-   ``coupling.analysis.analyze_prompt`` (``measures=("depth",)``) at K = 10 and 50, with
+   ``coupling.analysis.prompt.analyze_prompt`` (``measures=("depth",)``) at K = 10 and 50, with
    ``svd="auto"`` (the default) and ``svd="exact"``.  Each variant is first timed on one
    layer; a variant whose estimate does not fit the step's budget is reported as an
    estimate and not run.  Peak device memory per run.
@@ -24,7 +24,7 @@ own subprocess with a hard time limit, so one failure or overrun does not stop t
    Jacobian of the first of those layers.
 5. ``svd``: dense ``torch.linalg.svd`` on the device against ARPACK on the dense matrix (CPU,
    and with products on the device) for d = 1024..8192 and K = 10, 50 -- the measurement
-   ``coupling.svd.full_svd_pays`` lacks for accelerators.
+   ``coupling.spectrum.svd.full_svd_pays`` lacks for accelerators.
 
 Outputs in OUTDIR: ``summary.md`` (every step's status, time and tables, the goals),
 ``summary.json``, ``<step>.md/.json/.csv`` and ``logs/<step>.log``.
@@ -267,7 +267,7 @@ def import_check() -> list[dict]:
     import coupling
 
     rows = []
-    for mod in sorted(m.name for m in pkgutil.iter_modules(coupling.__path__, "coupling.")):
+    for mod in sorted(m.name for m in pkgutil.walk_packages(coupling.__path__, "coupling.")):
         try:
             importlib.import_module(mod)
             rows.append({"module": mod, "status": "ok", "error": ""})
@@ -380,8 +380,8 @@ def build_llama(ctx: Ctx):
     """
     import torch
 
-    from coupling.loading import LoadedModel, parse_dtype
-    from coupling.zoo import build_random
+    from coupling.model.loading import LoadedModel, parse_dtype
+    from coupling.model.zoo import build_random
 
     cfg = llama_config(ctx.shape)
     dtype = parse_dtype(ctx.dtype)
@@ -411,7 +411,7 @@ def step_scan(ctx: Ctx):
     """The exact-SVD route first (cheap on a GPU), then the default ``svd="auto"`` (at
     d > 2048: ARPACK on the matrix-free one-token operator), each probed on one layer and run
     in full only when its estimate fits the time left."""
-    from coupling.trajectory import run_forward
+    from coupling.model.trajectory import run_forward
 
     lm, ids, minfo = build_llama(ctx)
     timed(lambda: run_forward(lm, ids), ctx.device)                  # warm-up
@@ -453,7 +453,8 @@ class _ScanTable:
 
 def _probe(ctx, lm, rec, k, svd, fwd_s) -> float:
     """Estimated seconds of the whole scan: forward + L x the time of layer 1."""
-    from coupling.analysis import ScanSettings, layer_jacobians, layer_svds, norm_kind
+    from coupling.analysis.steps import layer_jacobians, layer_svds, norm_kind
+    from coupling.settings.scan_settings import ScanSettings
 
     s = ScanSettings(k=k, svd=svd, measures=("depth",))
     kind, t = norm_kind(lm.model), rec.n_tokens - 1
@@ -467,8 +468,9 @@ def _probe(ctx, lm, rec, k, svd, fwd_s) -> float:
 
 def _scan_variant(ctx, lm, ids, k, svd, estimate, minfo):
     """``(row, grid)``: one ``analyze_prompt`` call, or a row saying why it was not run."""
-    from coupling.analysis import ScanSettings, analyze_prompt
-    from coupling.svd import resolve_method
+    from coupling.analysis.prompt import analyze_prompt
+    from coupling.settings.scan_settings import ScanSettings
+    from coupling.spectrum.svd import resolve_method
 
     L, n, d = ctx.shape["layers"], ctx.shape["n"], ctx.shape["d"]
     dense = resolve_method(svd, d) == "exact"
@@ -516,7 +518,7 @@ def _gb(x):
 
 
 def _rel_mean(a, b) -> float:
-    from coupling.coupling_scores import mean_off_diagonal
+    from coupling.measures.coupling_scores import mean_off_diagonal
 
     ma, mb = mean_off_diagonal(a), mean_off_diagonal(b)
     return abs(ma - mb) / abs(mb)
@@ -543,8 +545,8 @@ def _free(device):
 # step: authors (full-sequence Jacobians + full SVD on a few layers, extrapolated)
 # ------------------------------------------------------------------------------------------
 def step_authors(ctx: Ctx):
-    from coupling.analysis import ScanSettings
-    from coupling.trajectory import run_forward
+    from coupling.model.trajectory import run_forward
+    from coupling.settings.scan_settings import ScanSettings
 
     lm, ids, _ = build_llama(ctx)
     L, kmax = ctx.shape["layers"], max(KS)
@@ -569,7 +571,7 @@ def step_authors(ctx: Ctx):
 def _authors_layers(ctx, lm, rec, layers, paths):
     """Per path and layer: the Jacobian, its SVD and the seconds both took (fast path first;
     a full-path layer is skipped when the slowest one so far would not fit the time left)."""
-    from coupling.analysis import norm_kind
+    from coupling.analysis.steps import norm_kind
 
     kind, t = norm_kind(lm.model), rec.n_tokens - 1
     timed(lambda: _one_layer(rec, layers[0], t, paths["fast"], lm.model, kind), ctx.device)
@@ -608,7 +610,7 @@ def _extrapolate(ctx, secs, done, fwd_s):
 
 def _compare_paths(J, S, done) -> list[dict]:
     """Fast against full: the Jacobians, the singular values, the mis-coupling between layers."""
-    from coupling.coupling_metrics import pairwise_coupling
+    from coupling.measures.coupling_grids import pairwise_coupling
 
     cmp = []
     for l in done:
@@ -634,7 +636,7 @@ def _compare_paths(J, S, done) -> list[dict]:
 
 
 def _one_layer(rec, l, t, settings, model, kind):
-    from coupling.analysis import layer_jacobians, layer_svds
+    from coupling.analysis.steps import layer_jacobians, layer_svds
 
     jac = layer_jacobians(rec, [l], t, settings, model, kind)
     return jac[l], layer_svds(jac, settings)[l]
@@ -674,8 +676,8 @@ def step_svd(ctx: Ctx):
 
 
 def _svd_note(ctx):
-    return (f"full_svd_s: torch.linalg.svd on {ctx.device} (coupling.svd.svd_of_dense; one per d, "
-            "any K). arpack_cpu_s: coupling.svd._lanczos on the matrix on the CPU (what "
+    return (f"full_svd_s: torch.linalg.svd on {ctx.device} (coupling.spectrum.svd.svd_of_dense; one per d, "
+            "any K). arpack_cpu_s: coupling.spectrum.svd._lanczos on the matrix on the CPU (what "
             "dense_top_k does on CPU). arpack_dev_s: the same with products on the device. "
             "rule_device / rule_cpu: what full_svd_pays(d, K, device) picks. "
             "sv_rel_diff: max relative difference of the top-K singular values. arpack_fallback: "
@@ -687,8 +689,8 @@ def svd_rows(ctx: Ctx, A, matrix: str, last: dict | None = None):
     estimate from the previous size (``last``: d^3 for the SVD, d^2 for ARPACK) does not fit."""
     import torch
 
-    from coupling.linop import as_operator
-    from coupling.svd import _lanczos, full_svd_pays, svd_of_dense
+    from coupling.jacobian.linop import as_operator
+    from coupling.spectrum.svd import _lanczos, full_svd_pays, svd_of_dense
 
     last = {} if last is None else last
     d, dev = A.shape[0], ctx.device

@@ -40,11 +40,12 @@ from pathlib import Path
 
 import torch
 
-from coupling.study import corpus as make_corpus
-from coupling.study import lm
-from coupling.study.lm import (EOT, build_model, encode_stream, make_optimizer, sample_batch,
-                               save_model, train_step, train_tokenizer, versions, write_json)
-from coupling.study.lm_eval import heldout_metrics
+from coupling.experiments.study import corpus as make_corpus
+from coupling.experiments.study import lm
+from coupling.experiments.study.lm import (EOT, build_model, make_optimizer, sample_batch,
+                                           save_model, train_step, train_tokenizer, versions)
+from coupling.experiments.study.lm_data import encode_stream, write_json
+from coupling.experiments.study.lm_eval import heldout_metrics
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 HELDOUT_SAMPLE_CHARS = 16_000
@@ -101,7 +102,7 @@ def checkpoint_steps(total: int, spec: str | None) -> list[int]:
 
 
 # ---------------------------------------------------------------- helpers
-# tokenizer, model, batches, loss, optimizer and saving live in coupling.study.lm, shared
+# tokenizer, model, batches, loss, optimizer and saving live in coupling.experiments.study.lm, shared
 # with the study's model suite
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import socket
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from coupling.loading import TINY_MODEL_DIR
+from coupling.model.loading import TINY_MODEL_DIR
 
 _memo: dict = {}
 
@@ -38,7 +38,7 @@ def ray_address():
     """GCS address of the session's local Ray cluster (started once)."""
     import ray
 
-    from ray_jobs.scan import ray_env
+    from ray_jobs.connect import ray_env
 
     ray_env()
     started = False
@@ -66,7 +66,7 @@ def tiny_tokenizer():
 @pytest.fixture(scope="session")
 def ray_model_dir(tiny_tokenizer, tmp_path_factory):
     """A random 4-block GPT-2 (d=32) saved with the tiny tokenizer, vocab sized to it."""
-    from coupling.zoo import save_random, small_config
+    from coupling.model.zoo import save_random, small_config
 
     if "gpt2" not in _memo:
         folder = tmp_path_factory.mktemp("ray-gpt2") / "gpt2-4"
@@ -237,7 +237,7 @@ def loopback_cluster():
     import shutil
     import tempfile
 
-    from ray_jobs.scan import ray_env
+    from ray_jobs.connect import ray_env
 
     ray_env()
     temp = tempfile.mkdtemp(prefix="rm", dir="/tmp")      # short: Ray's socket paths are long

@@ -4,12 +4,12 @@ import os
 import pytest
 import torch
 
-from coupling.blocks import BlockNotFoundError, find_blocks, residual_branch
-from coupling.jacobian import BlockJacobian, NonFiniteJacobianError, exact_jacobian, exact_jacobians
-from coupling.loading import LoadedModel, parse_dtype
-from coupling.trajectory import run_forward, trajectories
-from coupling.zoo import CAUSAL, FAMILIES, build_random, random_inputs, small_config
-
+from coupling.jacobian.block_jacobian import (BlockJacobian, NonFiniteJacobianError,
+                                              exact_jacobian, exact_jacobians)
+from coupling.model.blocks import BlockNotFoundError, find_blocks, residual_branch
+from coupling.model.loading import LoadedModel, parse_dtype
+from coupling.model.trajectory import run_forward, trajectories
+from coupling.model.zoo import CAUSAL, FAMILIES, build_random, random_inputs, small_config
 
 # Opt-in device and weight dtype (scripts/gpu_check.py runs this file on a GPU):
 # COUPLING_TEST_DEVICE=cuda puts the models and products there; COUPLING_TEST_DTYPE=bfloat16

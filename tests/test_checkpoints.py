@@ -10,12 +10,12 @@ import pytest
 import yaml
 
 from coupling.cli import add_checkpoints_parser
-from coupling.checkpoints import (parse_spec, parse_step, resolve_path,
-                                  scan_checkpoints)
-from coupling.loading import TINY_MODEL_DIR
-from coupling.results import read_scan_output
+from coupling.experiments.checkpoint_spec import parse_spec, parse_step, resolve_path
+from coupling.experiments.checkpoints import scan_checkpoints
+from coupling.model.loading import TINY_MODEL_DIR
+from coupling.model.zoo import save_random, small_config
+from coupling.results.scan_output import read_scan_output
 from coupling.scan import scan
-from coupling.zoo import save_random, small_config
 
 SCAN = dict(max_prompts=2, k=4)
 

@@ -17,12 +17,13 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache
 
-from coupling.analysis import ScanSettings, analyze_prompt, jacobian_function_report
-from coupling.blocks import CACHE_NAMES, CallRecorder, cache_parameter, find_blocks
-from coupling.fastpath import FastBlock
-from coupling.loading import LoadedModel
-from coupling.trajectory import run_forward
-from coupling.zoo import CAUSAL, build_random, random_inputs, small_config
+from coupling.analysis.prompt import analyze_prompt, jacobian_function_report
+from coupling.jacobian.fastpath import FastBlock
+from coupling.model.blocks import CACHE_NAMES, CallRecorder, cache_parameter, find_blocks
+from coupling.model.loading import LoadedModel
+from coupling.model.trajectory import run_forward
+from coupling.model.zoo import CAUSAL, build_random, random_inputs, small_config
+from coupling.settings.scan_settings import ScanSettings
 
 N = 6
 
@@ -94,7 +95,7 @@ def test_a_renamed_cache_argument_is_found_from_the_signature():
         for t in (0, N // 2, N - 1):
             assert fb.function_used(t, t) == ("one-token", "")
             full = FastBlock(rec.calls[1]).full_function()
-            from coupling.jacobian import exact_jacobians
+            from coupling.jacobian.block_jacobian import exact_jacobians
             ref = exact_jacobians(full, rec.calls[1].input.float(), t, [t])[0]
             assert torch.allclose(fb.jacobian(t, t), ref, rtol=1e-4, atol=1e-6)
 

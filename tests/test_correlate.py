@@ -1,4 +1,4 @@
-"""Tests for coupling.correlate: regression maths vs scipy, CI band by hand, exponential
+"""Tests for coupling.experiments.correlate: regression maths vs scipy, CI band by hand, exponential
 fit on synthetic data, joining fake scan outputs, subsets, CLI errors."""
 
 import argparse
@@ -10,9 +10,11 @@ import pytest
 from scipy import stats
 
 from coupling.cli import add_correlate_parser
-from coupling.correlate import run_correlate
-from coupling.fits import HYPERPARAMS, exponential_fit, hyperparameter_correlations, linear_fit
-from coupling.model_table import PAPER_TABLE, apply_subset, join_scores, load_results, load_scores
+from coupling.experiments.correlate import run_correlate
+from coupling.experiments.fits import (HYPERPARAMS, exponential_fit, hyperparameter_correlations,
+                                       linear_fit)
+from coupling.experiments.model_table import (PAPER_TABLE, apply_subset, join_scores, load_results,
+                                              load_scores)
 
 TABLE1_COLUMNS = ["params_b", "layers", "d_model", "train_tokens_t"]
 

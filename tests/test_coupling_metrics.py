@@ -1,16 +1,17 @@
-"""Known-answer tests for coupling matrices and mis-coupling (coupling/coupling_metrics.py)."""
+"""Known-answer tests for coupling matrices and mis-coupling (coupling/measures/coupling_grids.py)."""
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from coupling.coupling_metrics import (
-    context_coupling_fixed_input, context_coupling_fixed_output, coupling_matrix,
-    coupling_matrix_factored, depth_coupling, depth_coupling_factored, mean_off_diagonal,
-    mis_coupling, nan_off_diagonal, pairwise_coupling, token_grid_pairs, token_self_coupling,
-)
-from coupling.linop import LinearOperator
+from coupling.jacobian.linop import LinearOperator
+from coupling.measures.coupling_grids import (context_coupling_fixed_input,
+                                              context_coupling_fixed_output, depth_coupling,
+                                              depth_coupling_factored, pairwise_coupling,
+                                              token_grid_pairs, token_self_coupling)
+from coupling.measures.coupling_scores import (coupling_matrix, coupling_matrix_factored,
+                                               mean_off_diagonal, mis_coupling, nan_off_diagonal)
 
 
 class LowRankPlusDiag(LinearOperator):
@@ -305,9 +306,10 @@ def test_a_block_that_does_nothing_gives_counted_nan_entries():
     the normalized grid is 0/0 (nan) against every other layer.  The per-prompt mean is over
     the remaining pairs and the summary says how many were left out; J^2's top-K subspace is
     arbitrary (all its singular values are 0) and flagged as such."""
-    from coupling.analysis import ScanSettings, analyze_prompt
-    from coupling.loading import LoadedModel
-    from coupling.zoo import build_random, random_inputs, small_config
+    from coupling.analysis.prompt import analyze_prompt
+    from coupling.model.loading import LoadedModel
+    from coupling.model.zoo import build_random, random_inputs, small_config
+    from coupling.settings.scan_settings import ScanSettings
     L = 4
     cfg = small_config("gpt2", n_layers=L, d=32)
     model = build_random(cfg, seed=3)

@@ -1,4 +1,4 @@
-"""LN deflation (coupling/deflation.py) on REAL block Jacobians of GPT-2, Llama and BERT shapes.
+"""LN deflation (coupling/spectrum/deflation.py) on REAL block Jacobians of GPT-2, Llama and BERT shapes.
 
 The old premise (remove orth{1, x_in} / orth{1, y_out} from every block) is checked against
 the blocks themselves: on pre-LN blocks only 1 is null and the centred input is not, so the
@@ -10,14 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from coupling.analysis import ScanSettings, analyze_prompt, layer_function
-from coupling.deflation import (TOL, DeflatedOperator, deflate, deflate_block, deflation_basis,
-                                norm_left_null, norm_placement)
-from coupling.jacobian import exact_jacobians
-from coupling.linop import DenseOperator
-from coupling.loading import LoadedModel
-from coupling.trajectory import run_forward
-from coupling.zoo import build_random, random_inputs, small_config
+from coupling.analysis.prompt import analyze_prompt
+from coupling.analysis.steps import layer_function
+from coupling.jacobian.block_jacobian import exact_jacobians
+from coupling.jacobian.linop import DenseOperator
+from coupling.model.loading import LoadedModel
+from coupling.model.trajectory import run_forward
+from coupling.model.zoo import build_random, random_inputs, small_config
+from coupling.settings.scan_settings import ScanSettings
+from coupling.spectrum.deflation import (TOL, DeflatedOperator, deflate, deflate_block,
+                                         deflation_basis, norm_left_null, norm_placement)
 
 D, N_TOK = 64, 6
 T = N_TOK - 1
@@ -258,7 +260,7 @@ def test_random_bert_looks_coupled_only_through_the_trivial_part(bert):
 
 
 def test_layer_columns_line_up_with_the_layers_table(gpt2):
-    from coupling.deflation import layer_columns
+    from coupling.spectrum.deflation import layer_columns
     ids = random_inputs("gpt2", n_tokens=N_TOK)["input_ids"]
     res = analyze_prompt(gpt2, ids, ScanSettings(k=4, measures=("depth",), deflate_ln=True))
     cols = layer_columns(res.deflation, 3)

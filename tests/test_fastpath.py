@@ -6,18 +6,18 @@ import pytest
 import torch
 from torch import nn
 
-from coupling.blocks import BlockCall, CallRecorder, residual_branch
-from coupling.coupling_metrics import depth_coupling
-from coupling.fastpath import (FastBlock, NotCausalError, fast_jacobian, fast_operator,
-                               token_function)
-from coupling.fastpath_svd import fast_depth_coupling, fast_svd
-from coupling.hf_call import is_causal
-from coupling.jacobian import BlockJacobian, exact_jacobians
-from coupling.loading import LoadedModel, parse_dtype
-from coupling.svd import svd_of_dense
-from coupling.token_jacobian import TokenJacobian
-from coupling.trajectory import run_forward
-from coupling.zoo import CAUSAL, build_random, random_inputs, small_config
+from coupling.jacobian.block_jacobian import BlockJacobian, exact_jacobians
+from coupling.jacobian.fastpath import (FastBlock, NotCausalError, fast_jacobian, fast_operator,
+                                        token_function)
+from coupling.jacobian.token_jacobian import TokenJacobian
+from coupling.measures.coupling_grids import depth_coupling
+from coupling.measures.fastpath_svd import fast_depth_coupling, fast_svd
+from coupling.model.blocks import BlockCall, CallRecorder, residual_branch
+from coupling.model.hf_call import is_causal
+from coupling.model.loading import LoadedModel, parse_dtype
+from coupling.model.trajectory import run_forward
+from coupling.model.zoo import CAUSAL, build_random, random_inputs, small_config
+from coupling.spectrum.svd import svd_of_dense
 
 N = 7   # prompt length: t = 0, a middle token and the last one are all exercised
 # Opt-in device and weight dtype (scripts/gpu_check.py runs this file on a GPU):
@@ -231,7 +231,7 @@ def test_final_norm_folded_into_the_last_block():
 
 @pytest.mark.parametrize("dtype", [torch.bool, torch.float32])
 def test_copies_of_a_token_see_the_prefix_and_themselves_only(dtype):
-    from coupling.hf_call import _indexed_arguments
+    from coupling.model.hf_call import _indexed_arguments
 
     n, t, B = 5, 3, 3
     allowed = torch.ones(n, n, dtype=torch.bool).tril()            # causal

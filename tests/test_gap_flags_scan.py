@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from coupling.cli import print_summary
-from coupling.loading import TINY_MODEL_DIR
 from coupling.figures.layers import layer_curves_figure, undetermined_layers
 from coupling.figures.spectra import singular_values_figure
+from coupling.model.loading import TINY_MODEL_DIR
+from coupling.model.zoo import save_random, small_config
 from coupling.scan import scan
-from coupling.spectral_gap import min_relative_gap, unit_roundoff
-from coupling.zoo import save_random, small_config
+from coupling.spectrum.spectral_gap import min_relative_gap, unit_roundoff
 
 
 @pytest.fixture(scope="module")

@@ -73,7 +73,7 @@ def test_smoke_machine_tests_and_svd(tmp_path):
     assert machine["torch"] and machine["modules_failed"] == 0
     stack = _rows(tmp_path, "stack")
     modules = {r["module"] for r in stack}
-    assert {"coupling.analysis", "coupling.fastpath", "coupling.scan"} <= modules
+    assert {"coupling.analysis.prompt", "coupling.jacobian.fastpath", "coupling.scan"} <= modules
     tests = {r["dtype"]: r for r in _rows(tmp_path, "tests")}
     for dtype in ("float32", "bfloat16"):
         assert tests[dtype]["status"] == "ok" and tests[dtype]["failures"] == 0

@@ -10,12 +10,14 @@ import pytest
 import torch
 
 from coupling import block_jacobian
-from coupling.analysis import ScanSettings, analyze_prompt, layer_function
+from coupling.analysis.prompt import analyze_prompt
+from coupling.analysis.steps import layer_function
 from coupling.cli import main
-from coupling.loading import TINY_MODEL_DIR, LoadedModel, load_model
+from coupling.model.loading import TINY_MODEL_DIR, LoadedModel, load_model
+from coupling.model.trajectory import run_forward
+from coupling.model.zoo import build_random, random_inputs, save_random, small_config
 from coupling.scan import ScanConfig
-from coupling.trajectory import run_forward
-from coupling.zoo import build_random, random_inputs, save_random, small_config
+from coupling.settings.scan_settings import ScanSettings
 
 FAMILIES = ["gpt2", "llama", "gpt_neox", "bert"]
 

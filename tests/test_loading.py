@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from coupling.loading import ModelLoadError, load_model, parse_dtype
-from coupling.zoo import save_random, small_config
+from coupling.model.loading import ModelLoadError, load_model, parse_dtype
+from coupling.model.zoo import save_random, small_config
 
 
 @pytest.fixture(scope="module")

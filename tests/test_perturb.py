@@ -10,9 +10,9 @@ import torch
 from scipy import special
 
 from coupling.cli import add_perturb_parser
-from coupling.loading import TINY_MODEL_DIR, LoadedModel, load_model
-from coupling.perturb import perturb
-from coupling.zoo import build_random, small_config
+from coupling.experiments.perturb import perturb
+from coupling.model.loading import TINY_MODEL_DIR, LoadedModel, load_model
+from coupling.model.zoo import build_random, small_config
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,8 @@ def llama():
 @pytest.fixture(scope="module")
 def gpt2_folder(tmp_path_factory):
     from transformers import AutoTokenizer
-    from coupling.zoo import save_random
+
+    from coupling.model.zoo import save_random
 
     tok = AutoTokenizer.from_pretrained(TINY_MODEL_DIR / "checkpoints" / "step-0")
     folder = tmp_path_factory.mktemp("gpt2")

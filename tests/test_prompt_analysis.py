@@ -8,10 +8,11 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from coupling.loading import TINY_MODEL_DIR
-from coupling.prompt_analysis import analyze_prompts, difficulty_values, draw_prompt_analysis
+from coupling.experiments.prompt_analysis import (analyze_prompts, difficulty_values,
+                                                  draw_prompt_analysis)
+from coupling.model.loading import TINY_MODEL_DIR
+from coupling.model.zoo import save_random, small_config
 from coupling.scan import scan
-from coupling.zoo import save_random, small_config
 
 TEXTS = ["The cat sat", "A dog ran across the wide green field today",
          "Water boils at one hundred degrees", "Paris is the capital of France and a city",
@@ -83,7 +84,7 @@ def test_missing_or_unusable_columns_are_explained(tmp_path):
 
 
 def test_categorical_difficulty_figure(scanned, tmp_path):
-    from coupling.prompt_analysis import prompt_analysis_figure
+    from coupling.experiments.prompt_analysis import prompt_analysis_figure
 
     s = scanned.summary.assign(difficulty=["x", "y"] * 3)
     fig = prompt_analysis_figure(analyze_prompts(s))

@@ -1,4 +1,4 @@
-"""The per-prompt step API (``coupling.prompt_steps``) that the local scan and the Ray stages
+"""The per-prompt step API (``coupling.analysis.steps``) that the local scan and the Ray stages
 are both made of.
 
 The steps are driven here by hand over two block ranges of a real tiny GPT-2, each range
@@ -13,11 +13,12 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-from coupling import prompt_steps as ps
-from coupling.analysis import ScanSettings, analyze_prompt
-from coupling.loading import load_model
-from coupling.trajectory import ForwardRecord, run_forward
-from coupling.zoo import save_random, small_config
+from coupling.analysis import steps as ps
+from coupling.analysis.prompt import analyze_prompt
+from coupling.model.loading import load_model
+from coupling.model.trajectory import ForwardRecord, run_forward
+from coupling.model.zoo import save_random, small_config
+from coupling.settings.scan_settings import ScanSettings
 from ray_jobs.stage import StageModel, trajectory_of
 
 RANGES = [(0, 2), (2, 4)]

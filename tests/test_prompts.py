@@ -1,4 +1,4 @@
-"""Tests for coupling.prompts: built-in set, JSONL files, benchmark converters, tokenization."""
+"""Tests for coupling.prompts.sources: built-in set, JSONL files, benchmark converters, tokenization."""
 from __future__ import annotations
 
 import json
@@ -8,17 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from coupling.prompts import (
-    BENCHMARKS,
-    TRUTHFULQA_PREAMBLE,
-    Prompt,
-    convert_rows,
-    hellaswag_preprocess,
-    load_benchmark,
-    load_prompts,
-    parse_hf_source,
-    tokenize_prompt,
-)
+from coupling.prompts.benchmarks import (BENCHMARKS, TRUTHFULQA_PREAMBLE, convert_rows,
+                                         hellaswag_preprocess, load_benchmark, parse_hf_source)
+from coupling.prompts.jsonl import Prompt
+from coupling.prompts.sources import load_prompts, tokenize_prompt
 
 FIXTURES = Path(__file__).parent / "fixtures" / "datasets"
 
@@ -290,7 +283,8 @@ def test_hub_offline_error_is_clear(monkeypatch, tmp_path):
 
 def make_tokenizer(with_bos: bool):
     """A WordLevel tokenizer trained here; lower-cases and drops every non-letter."""
-    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import (Regex, Tokenizer, models, normalizers, pre_tokenizers, processors,
+                            trainers)
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))

@@ -14,8 +14,9 @@ import jsonschema
 import pytest
 import yaml
 
-from coupling.analysis import ScanSettings
-from ray_jobs.placement import GB, ModelSizes, launchable_nodes, plan_placement
+from coupling.settings.scan_settings import ScanSettings
+from ray_jobs.placement import launchable_nodes, plan_placement
+from ray_jobs.sizing import GB, ModelSizes
 
 CLUSTER = Path(__file__).resolve().parents[1] / "cluster.yaml"
 

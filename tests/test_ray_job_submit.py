@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from ray_fixtures import *  # noqa: F401,F403
-from ray_fixtures import (assert_models_row, assert_same_as_local, ray_config,
-                          subprocess_env, venv_bin, head_process)
+from ray_fixtures import (assert_models_row, assert_same_as_local, head_process, ray_config,
+                          subprocess_env, venv_bin)
+
 from ray_jobs.config import parse_config
 
 ROOT = Path(__file__).resolve().parents[1]

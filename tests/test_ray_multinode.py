@@ -19,13 +19,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from coupling.analysis import ScanSettings
 from ray_fixtures import *  # noqa: F401,F403  (session fixtures)
-from ray_fixtures import (assert_same_as_local, loopback_cluster, ray_config, subprocess_env)
+from ray_fixtures import assert_same_as_local, loopback_cluster, ray_config, subprocess_env
+
+from coupling.settings.scan_settings import ScanSettings
 from ray_jobs.config import parse_config
-from ray_jobs.placement import (GB, ModelSizes, NodeInfo, PlacementError, gpu_reserve,
-                                gpus_for_replica, plan_placement, replica_device_map)
+from ray_jobs.placement import NodeInfo, plan_placement
+from ray_jobs.sizing import (GB, ModelSizes, PlacementError, gpu_reserve, gpus_for_replica,
+                             replica_device_map)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -196,7 +197,7 @@ def _report(out, key) -> dict:
 @pytest.mark.slow
 def test_three_stages_on_three_nodes_read_only_their_blocks(cluster, nodes, ray_model_dir,
                                                            local_reference, tmp_path):
-    from coupling.loading import load_model
+    from coupling.model.loading import load_model
 
     for name in ("node_a", "node_b", "node_c"):          # one stage fits a node's 1 CPU
         nodes(name, cpus=1, memory_gb=2)

@@ -11,15 +11,16 @@ import pandas as pd
 import pytest
 import torch
 
-from coupling.analysis import ScanSettings, analyze_prompt
-from coupling.blocks import find_blocks, find_final_norm
-from coupling.loading import load_model
-from coupling.zoo import save_random, small_config
+from coupling.analysis.prompt import analyze_prompt
+from coupling.model.blocks import find_blocks, find_final_norm
+from coupling.model.loading import load_model
+from coupling.model.zoo import save_random, small_config
+from coupling.results.store import Shard, ShardStore
+from coupling.settings.scan_settings import ScanSettings
 from ray_jobs.config import parse_config
-from ray_jobs.placement import (GB, PROCESS_OVERHEAD, ModelSizes, NodeInfo, PlacementError,
-                                balanced_ranges, plan_placement)
+from ray_jobs.placement import NodeInfo, plan_placement
 from ray_jobs.reduce import model_row
-from coupling.store import Shard, ShardStore
+from ray_jobs.sizing import GB, PROCESS_OVERHEAD, ModelSizes, PlacementError, balanced_ranges
 from ray_jobs.stage import StageModel, run_pipeline
 
 
@@ -185,7 +186,7 @@ def test_models_row_negates_mis_coupling():
 
 
 def test_shard_store_is_atomic_and_checks_its_plan(tmp_path):
-    from coupling.analysis import PromptResult
+    from coupling.analysis.steps import PromptResult
     store = ShardStore(tmp_path / "_shards" / "m")
     store.check_plan({"shards": [["a", "b"], ["c"]]})
     shards = [Shard(0, ["a", "b"], [[1], [2]], [{}, {}]), Shard(1, ["c"], [[3]], [{}])]
@@ -203,7 +204,7 @@ def test_shard_store_is_atomic_and_checks_its_plan(tmp_path):
 
 
 def test_one_token_products_shrink_the_working_memory_estimate():
-    from ray_jobs.placement import chunk_memory
+    from ray_jobs.sizing import chunk_memory
     d, n = 4096, 256
     causal = ModelSizes([GB] * 4, 1, 1, 4 * GB + 2, d, causal=True)
     encoder = ModelSizes([GB] * 4, 1, 1, 4 * GB + 2, d, causal=False)

@@ -17,18 +17,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import test_resume
 import yaml
-
+from processes import kill_after_files
+from ray_faults import crashing
 from ray_fixtures import *  # noqa: F401,F403  (session fixtures)
 from ray_fixtures import (assert_models_row, assert_same_as_local, free_port, ray_config,
                           subprocess_env)
-from processes import kill_after_files
-from ray_faults import crashing
 from test_store import Plant
-import test_resume
+
 from ray_jobs.config import parse_config
-from ray_jobs.placement import PlacementError
 from ray_jobs.scan import run_scan
+from ray_jobs.sizing import PlacementError
 
 ROOT = Path(__file__).resolve().parents[1]
 degenerate = test_resume.degenerate     # the fixture: a model with one failing prompt
@@ -66,7 +66,7 @@ def test_two_stages_match_local_and_write_to_a_uri(ray_address, ray_model_dir,
 
 def test_three_stages_hold_only_their_blocks_survive_a_crash_and_match_local(
         ray_address, ray_model_dir, local_reference, tmp_path):
-    from coupling.loading import load_model
+    from coupling.model.loading import load_model
     from ray_jobs.actors import StageWorker
 
     marker = tmp_path / "crashed"

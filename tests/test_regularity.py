@@ -1,4 +1,4 @@
-"""Known-answer tests for trajectory regularity (coupling/regularity.py)."""
+"""Known-answer tests for trajectory regularity (coupling/measures/regularity.py)."""
 import math
 
 import numpy as np
@@ -6,10 +6,9 @@ import pytest
 import scipy.stats
 import torch
 
-from coupling.regularity import (
-    equidistance_cv, expodistance, layer_norms, line_shape_score, log_growth_rates,
-    logit_lens_entropy, pca_projection, step_sizes, windowed_lss,
-)
+from coupling.measures.regularity import (equidistance_cv, expodistance, layer_norms,
+                                          line_shape_score, log_growth_rates, logit_lens_entropy,
+                                          pca_projection, step_sizes, windowed_lss)
 
 RNG = np.random.default_rng(0)
 

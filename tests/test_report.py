@@ -16,14 +16,13 @@ import pytest
 from matplotlib.image import imread
 
 from coupling.cli import add_report_parser
-from coupling import report
-from coupling.figures import training
+from coupling.figures import report, training
 from coupling.figures.common import AXIS_L, AXIS_LP, CBAR_LABEL, band, color_limits, model_label
 from coupling.figures.depth import depth_coupling_figure
 from coupling.figures.layers import layer_curves_figure, layer_matrix
+from coupling.figures.report import draw_figures
 from coupling.figures.scans import find_sibling, load_scan, prompt_index
 from coupling.figures.training import adjacency_weights, draw_training_figures
-from coupling.report import draw_figures
 
 SCAN_PNGS = ["depth_coupling.png", "token_coupling.png", "layer_curves.png",
              "pca_trajectories.png", "singular_values.png"]
@@ -72,9 +71,9 @@ def make_tokenizer(texts):
 @pytest.fixture(scope="module")
 def real_scans(tmp_path_factory):
     """(trained-weights scan, random-init sibling) of a 3-layer random GPT-2, d=32."""
-    from coupling.prompts import load_prompts
+    from coupling.model.zoo import save_random
+    from coupling.prompts.sources import load_prompts
     from coupling.scan import scan
-    from coupling.zoo import save_random
 
     root = tmp_path_factory.mktemp("real")
     with pytest.MonkeyPatch.context() as mp:

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from processes import kill_after_files
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,8 +80,8 @@ def degenerate(tmp_path_factory):
     import torch
     from transformers import AutoTokenizer
 
-    from coupling.loading import TINY_MODEL_DIR, load_model
-    from coupling.zoo import save_random, small_config
+    from coupling.model.loading import TINY_MODEL_DIR, load_model
+    from coupling.model.zoo import save_random, small_config
 
     tok = AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
     texts = {"cat": "The cat sat on the mat.", "zebra": "Quantum zebras juggle.",

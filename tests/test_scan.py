@@ -8,10 +8,10 @@ import pandas as pd
 import pytest
 
 from coupling.cli import main
-from coupling.loading import TINY_MODEL_DIR
-from coupling.results import read_scan_output
+from coupling.model.loading import TINY_MODEL_DIR
+from coupling.model.zoo import save_random, small_config
+from coupling.results.scan_output import read_scan_output
 from coupling.scan import scan
-from coupling.zoo import save_random, small_config
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +69,9 @@ def test_output_directory_layout(scanned):
 def test_scan_matches_direct_library_calls(scanned, gpt2_folder):
     """The scan's depth grid equals coupling computed by hand from operators and exact SVDs."""
     import torch
+
     from coupling import block_jacobian, load_model, run_forward, top_k_svd
-    from coupling.coupling_scores import coupling_matrix, mis_coupling
+    from coupling.measures.coupling_scores import coupling_matrix, mis_coupling
     lm = load_model(gpt2_folder)
     ids = lm.tokenizer("What is the capital of France? The capital is", return_tensors="pt")["input_ids"]
     rec = run_forward(lm, ids)
@@ -160,7 +161,8 @@ def test_console_script_runs(tmp_path, gpt2_folder):
 
 def test_deflated_and_all_token_options(gpt2_folder):
     from coupling import load_model, run_forward
-    from coupling.analysis import ScanSettings, analyze_prompt
+    from coupling.analysis.prompt import analyze_prompt
+    from coupling.settings.scan_settings import ScanSettings
     lm = load_model(gpt2_folder)
     ids = lm.tokenizer("One two three four five", return_tensors="pt")["input_ids"]
     rec = run_forward(lm, ids)
@@ -183,10 +185,11 @@ def test_local_jacobians_equal_the_whole_prompt_reference(family):
     """The default (local: one token with its prefix cached, truncated prompts for J_{t1 t2})
     gives the reference's numbers (whole prompt per product); BERT falls back to the whole
     prompt.  Depth grids, raw grids, spectra and all token-wise grids."""
-    from coupling.analysis import ScanSettings, analyze_prompt
-    from coupling.loading import LoadedModel
-    from coupling.trajectory import run_forward
-    from coupling.zoo import build_random, random_inputs
+    from coupling.analysis.prompt import analyze_prompt
+    from coupling.model.loading import LoadedModel
+    from coupling.model.trajectory import run_forward
+    from coupling.model.zoo import build_random, random_inputs
+    from coupling.settings.scan_settings import ScanSettings
     cfg = small_config(family, n_layers=3, d=32)
     lm = LoadedModel(build_random(cfg, seed=1), None, cfg, {"n_layers": 3})
     ids = random_inputs(family, n_tokens=7)["input_ids"]
@@ -213,7 +216,7 @@ def test_jacobian_setting_is_validated(tmp_path, gpt2_folder, capsys):
     with pytest.raises(SystemExit) as e:
         main(["scan", "--model", gpt2_folder, "--jacobian", "half", "--out", str(tmp_path / "o")])
     assert e.value.code == 2 and "invalid choice: 'half'" in capsys.readouterr().err
-    from coupling.analysis import ScanSettings
+    from coupling.settings.scan_settings import ScanSettings
     with pytest.raises(ValueError, match="--jacobian must be one of local, full"):
         ScanSettings(jacobian="half")
     with pytest.raises(ValueError, match="--chunk must be a positive integer"):

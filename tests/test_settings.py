@@ -1,4 +1,4 @@
-"""The one settings schema (coupling.settings): the dataclasses, the `coupling scan` flags and
+"""The one settings schema (coupling.settings.schema): the dataclasses, the `coupling scan` flags and
 their help, the YAML keys and the Ray config keys all come from it."""
 import dataclasses
 import subprocess
@@ -7,10 +7,10 @@ import sys
 import pytest
 import yaml
 
-from coupling import settings as S
-from coupling.analysis import ScanSettings
 from coupling.cli import build_parser, scan_config_dict
 from coupling.scan import ScanConfig
+from coupling.settings import schema as S
+from coupling.settings.scan_settings import ScanSettings
 from ray_jobs.config import ENTRY_KEYS, RAY_KEYS, RayOptions, parse_config
 
 
@@ -27,8 +27,8 @@ def test_dataclass_fields_are_the_schema():
 
 
 def test_schema_choices_are_what_the_library_accepts():
-    from coupling.svd import METHODS
-    from coupling.trajectory import LAST_BLOCKS
+    from coupling.model.trajectory import LAST_BLOCKS
+    from coupling.spectrum.svd import METHODS
 
     assert S.BY_NAME["svd"].choices == METHODS
     assert S.BY_NAME["last_block"].choices == LAST_BLOCKS

@@ -4,15 +4,15 @@ import math
 import pytest
 import torch
 
-from coupling.blocks import residual_branch
-from coupling.fastpath import FastBlock
-from coupling.jacobian import exact_jacobian
-from coupling.loading import LoadedModel, load_model
-from coupling.spectral_gap import (ANGLE_TOL, angle_bound, min_relative_gap, relative_gap,
-                                   roundoff_factor, undetermined, unit_roundoff)
-from coupling.svd import top_k_svd
-from coupling.trajectory import run_forward
-from coupling.zoo import build_random, random_inputs, small_config
+from coupling.jacobian.block_jacobian import exact_jacobian
+from coupling.jacobian.fastpath import FastBlock
+from coupling.model.blocks import residual_branch
+from coupling.model.loading import LoadedModel, load_model
+from coupling.model.trajectory import run_forward
+from coupling.model.zoo import build_random, random_inputs, small_config
+from coupling.spectrum.spectral_gap import (ANGLE_TOL, angle_bound, min_relative_gap, relative_gap,
+                                            roundoff_factor, undetermined, unit_roundoff)
+from coupling.spectrum.svd import top_k_svd
 
 EPS32 = float(torch.finfo(torch.float32).eps)
 

@@ -20,11 +20,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coupling.analysis import PromptResult, ScanSettings, analyze_prompt
-from coupling.loading import TINY_MODEL_DIR, load_model
-from coupling.owned import MARKER
+from coupling.analysis.prompt import analyze_prompt
+from coupling.analysis.steps import PromptResult
+from coupling.model.loading import TINY_MODEL_DIR, load_model
+from coupling.results.owned import MARKER
+from coupling.results.store import Shard, ShardError, ShardStore, read_shard, write_shard
 from coupling.scan import scan
-from coupling.store import Shard, ShardError, ShardStore, read_shard, write_shard
+from coupling.settings.scan_settings import ScanSettings
 
 
 class Plant:
@@ -249,7 +251,7 @@ def _remote_snapshot(fs, root):
 
 def _previous_ray_output(uri, tmp_path, results):
     """What a distributed scan leaves at ``uri``, written by its own code paths."""
-    from coupling.results import write_scan_output
+    from coupling.results.scan_output import write_scan_output
     from ray_jobs.output import SHARDS_DIR, Output
 
     output = Output(uri, str(tmp_path / "staging"))

@@ -1,10 +1,11 @@
-"""The study's analyses (coupling.study.analyses) on synthetic tables with known answers."""
+"""The study's analyses (coupling.experiments.study.analyses) on synthetic tables with known answers."""
 import numpy as np
 import pandas as pd
 import pytest
 from scipy import stats
 
-from coupling.study import analyses as an
+from coupling.experiments.study import analyses as an
+from coupling.experiments.study import study_stats as stats_mod
 
 FACTORS = {"base": [{}, {}, {}], "width": [{"n_embd": 16}, {"n_embd": 64}],
            "depth": [{"n_layer": 2}, {"n_layer": 8}], "steps": [{"total_steps": 100}],
@@ -96,7 +97,7 @@ def test_predictors_recover_an_exact_line_and_independent_noise():
     df = pd.DataFrame({"model": [f"m{i}" for i in range(n)], "coupling": rng.uniform(0, 1, n),
                        "params": rng.normal(size=n), "n_layer": 6})
     df["score"] = 1 - 2.5 * df["coupling"]
-    out = an.predictors(df, "score", ("coupling", "params", "n_layer", "n_embd"),
+    out = stats_mod.predictors(df, "score", ("coupling", "params", "n_layer", "n_embd"),
                         n_boot=500).set_index("predictor")
     c = out.loc["coupling"]
     assert c.n == n and np.isclose(c.r2, 1) and np.isclose(c.r, -1) and np.isclose(c.slope, -2.5)
@@ -107,10 +108,10 @@ def test_predictors_recover_an_exact_line_and_independent_noise():
     assert noise.r2_lo < 0.001 and noise.r2_lo <= noise.r2 <= noise.r2_hi < 0.1
     assert np.isnan(out.loc["n_layer", "r2"]) and "constant" in out.loc["n_layer", "note"]
     assert out.loc["n_embd", "note"] == "not in table"
-    again = an.predictors(df, "score", ("params",), n_boot=500).set_index("predictor")
+    again = stats_mod.predictors(df, "score", ("params",), n_boot=500).set_index("predictor")
     assert again.loc["params", "r2_hi"] == noise.r2_hi      # seeded bootstrap
     with pytest.raises(ValueError, match="one row per model"):
-        an.predictors(pd.concat([df, df]), "score")
+        stats_mod.predictors(pd.concat([df, df]), "score")
 
 
 def test_partial_correlation_matches_a_hand_computation():
@@ -122,7 +123,7 @@ def test_partial_correlation_matches_a_hand_computation():
     score = -0.8 * lp + 0.5 * coupling + 0.001 * steps + rng.normal(0, 0.2, n)
     df = pd.DataFrame({"coupling": coupling, "score": score, "log10_params": lp,
                        "total_steps": steps})
-    got = an.partial_correlation(df, "coupling", "score", ["log10_params", "total_steps"])
+    got = stats_mod.partial_correlation(df, "coupling", "score", ["log10_params", "total_steps"])
     Z = np.column_stack([np.ones(n), lp, steps])
     res = [v - Z @ np.linalg.lstsq(Z, v, rcond=None)[0] for v in (coupling, score)]
     r = stats.pearsonr(*res).statistic
@@ -131,20 +132,20 @@ def test_partial_correlation_matches_a_hand_computation():
     assert np.isclose(got["r"], r) and got["n"] == n and got["k"] == 2 and got["dof"] == dof
     assert np.isclose(got["p"], 2 * stats.t.sf(abs(t), dof))
     # one control: the textbook first-order formula, computed from plain correlations
-    one = an.partial_correlation(df, "coupling", "score", ["log10_params"])
+    one = stats_mod.partial_correlation(df, "coupling", "score", ["log10_params"])
     rxy, rxz, ryz = (stats.pearsonr(a, b).statistic
                      for a, b in ((coupling, score), (coupling, lp), (score, lp)))
     assert np.isclose(one["r"], (rxy - rxz * ryz) / np.sqrt((1 - rxz ** 2) * (1 - ryz ** 2)))
-    fixed = an.partial_correlation(df.assign(coupling=2 * lp), "coupling", "score",
+    fixed = stats_mod.partial_correlation(df.assign(coupling=2 * lp), "coupling", "score",
                                    ["log10_params"])
     assert np.isnan(fixed["r"]) and "fixed by the controls" in fixed["note"]
-    few = an.partial_correlation(df.head(3), "coupling", "score", ["log10_params"])
+    few = stats_mod.partial_correlation(df.head(3), "coupling", "score", ["log10_params"])
     assert np.isnan(few["p"]) and "too few rows" in few["note"]
 
 
 def test_step_table_finds_the_known_peak_and_monotone_rise():
     lm = lm_table(peak_fraction=0.25)
-    st = an.step_table(lm).set_index(["model", "scan"])
+    st = stats_mod.step_table(lm).set_index(["model", "scan"])
     assert len(st) == 10 * 3
     peaked, rising = st.loc[("base1", "main")], st.loc[("base0", "main")]
     assert peaked.peak_step == 50 and peaked.end_step == 200
@@ -154,12 +155,12 @@ def test_step_table_finds_the_known_peak_and_monotone_rise():
     assert rising.monotone_rise and np.isclose(rising.spearman_rho, 1) and rising.peak_step == 200
     assert st.loc[("width0", "k2"), "k_over_d"] == 2 / 16
     assert st.loc[("steps0", "main"), "peak_step"] == 25   # peaked, 100 steps: 0,12,25,50,100
-    wide = an.step_table(lm_table(peak_fraction=0.5)).set_index(["model", "scan"])
+    wide = stats_mod.step_table(lm_table(peak_fraction=0.5)).set_index(["model", "scan"])
     assert wide.loc[("base1", "raw"), "peak_step"] == 100
 
 
 def test_vit_spearman_on_a_monotone_grid():
-    t = an.vit_tables(vit_table())
+    t = stats_mod.vit_tables(vit_table())
     sp = t["vit_spearman"].set_index("weight_decay")
     for wd in ("0.0", "0.05", "0.3"):
         assert sp.loc[wd, "spearman_rho"] == pytest.approx(1.0) and sp.loc[wd, "n"] == 12
@@ -174,7 +175,7 @@ def test_vit_spearman_on_a_monotone_grid():
 
 
 def test_pruning_summary_picks_the_known_best_order():
-    s = an.pruning_summary(pruning_table()).set_index(["model", "order"])
+    s = stats_mod.pruning_summary(pruning_table()).set_index(["model", "order"])
     assert s.loc[("m-big", "coupling-most"), "best"]
     assert s.loc[("m-deep", "angular"), "best"]
     assert s["best"].sum() == 2
@@ -183,12 +184,12 @@ def test_pruning_summary_picks_the_known_best_order():
     assert rnd.reps == 2 and np.isclose(rnd.increase_2, 0.7)
     assert rnd.min_3 == 0.9 and rnd.max_3 == 1.2
     assert np.isclose(s.loc[("m-deep", "coupling-most"), "mean_increase"], 0.6)
-    short = an.pruning_summary(pruning_table().query("n_removed <= 1"))
+    short = stats_mod.pruning_summary(pruning_table().query("n_removed <= 1"))
     assert short["increase_3"].isna().all() and short["best"].sum() == 2
 
 
 def test_single_block_summary():
-    s = an.single_block_summary(single_table()).set_index("model")
+    s = stats_mod.single_block_summary(single_table()).set_index("model")
     assert s.loc["m-big", "rho_neighbour_coupling"] == pytest.approx(-1)
     assert s.loc["m-big", "rho_angular_distance"] == pytest.approx(1)
     assert s.loc["m-deep", "cheapest_block"] == 5 and s.loc["m-deep", "costliest_block"] == 0
@@ -197,7 +198,7 @@ def test_single_block_summary():
 def test_markdown_table():
     df = pd.DataFrame({"a": [1, 2], "b": [0.123456, np.nan], "c": [True, False],
                        "p": [1e-7, 0.5], "d": ["x|y", "z"]})
-    md = an.markdown_table(df, {"p": ".1e"}).splitlines()
+    md = stats_mod.markdown_table(df, {"p": ".1e"}).splitlines()
     assert md[0] == "| a | b | c | p | d |" and md[1] == "|---|---|---|---|---|"
     assert md[2] == "| 1 | 0.123 | yes | 1.0e-07 | x\\|y |"
     assert md[3] == "| 2 |  | no | 5.0e-01 | z |"

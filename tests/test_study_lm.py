@@ -1,4 +1,4 @@
-"""The study's LM data, training and evaluation (coupling/study/lm_data.py, lm.py, lm_eval.py).
+"""The study's LM data, training and evaluation (coupling/experiments/study/lm_data.py, lm.py, lm_eval.py).
 
 Known answers used here: a hand-computed cross-entropy and top-1 accuracy over named windows;
 the multiple-choice items checked against the stream they were cut from; GPT-2's
@@ -16,13 +16,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from coupling.study.corpus import build_corpus
-from coupling.study import lm, lm_data
-from coupling.study.lm import LMSpec, build_model, train_lm
-from coupling.study.lm_data import (LMData, encode_stream, load_lm_data, load_tokenizer,
-                                    prepare_lm_data, save_lm_data)
-from coupling.study.lm_eval import (build_multiple_choice, heldout_metrics, mc_from_arrays,
-                                    mc_to_arrays, multiple_choice_accuracy)
+from coupling.experiments.study.corpus import build_corpus
+from coupling.experiments.study.lm import LMSpec, build_model, train_lm
+from coupling.experiments.study.lm_data import (LMData, encode_stream, load_lm_data,
+                                                load_tokenizer, prepare_lm_data, save_lm_data)
+from coupling.experiments.study.lm_eval import (build_multiple_choice, heldout_metrics,
+                                                mc_from_arrays, mc_to_arrays,
+                                                multiple_choice_accuracy)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "coupling" / "data" / "tiny"
@@ -204,7 +204,7 @@ def test_untrained_model_is_near_chance_and_trained_model_far_above(heldout_samp
 
 
 def test_choice_logprobs_with_shared_context_equal_full_sequences(heldout_sample_ids):
-    from coupling.study.lm_eval import choice_logprobs
+    from coupling.experiments.study.lm_eval import choice_logprobs
     model = tiny()
     mc = build_multiple_choice(heldout_sample_ids, 6, context_len=16, cont_len=5, n_choices=3,
                                seed=1)
@@ -249,10 +249,3 @@ def test_prepare_save_load_round_trip(tmp_path):
     assert back.tokenizer(text)["input_ids"] == data.tokenizer(text)["input_ids"]
     with pytest.raises(ValueError, match="save_lm_data"):
         load_lm_data(tmp_path / "nowhere")
-
-
-def test_lm_still_exports_the_data_api():
-    # the data moved to lm_data; code importing it from coupling.study.lm must keep working
-    for name in ("LMData", "DATA_FILES", "encode_stream", "load_tokenizer", "prepare_lm_data",
-                 "save_lm_data", "load_lm_data", "write_json"):
-        assert getattr(lm, name) is getattr(lm_data, name), name

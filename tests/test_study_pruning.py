@@ -1,10 +1,10 @@
-"""Block pruning (coupling.study.pruning) on real tiny transformers built from configs."""
+"""Block pruning (coupling.experiments.study.pruning) on real tiny transformers built from configs."""
 import numpy as np
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from coupling.study import pruning
+from coupling.experiments.study import pruning
 
 VOCAB = 61
 

@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from coupling.study.config import load_study, parse_study
+from coupling.experiments.study.config import load_study, parse_study
 
 SPEC = Path(__file__).parent / "fixtures" / "study_test.yaml"
 

@@ -1,4 +1,4 @@
-"""The ViT study (coupling.study.vit): data, stochastic depth, training, coupling, one grid row.
+"""The ViT study (coupling.experiments.study.vit): data, stochastic depth, training, coupling, one grid row.
 
 Real Hugging Face ViTs built from configs, real digits from scikit-learn; the stochastic-depth
 hook is checked sample by sample against the block's own eval-mode output.
@@ -12,10 +12,13 @@ import torch
 
 pytest.importorskip("sklearn")
 
-from coupling.analysis import ScanSettings, analyze_prompt, layer_function  # noqa: E402
-from coupling.loading import LoadedModel  # noqa: E402
-from coupling.study import vit  # noqa: E402
-from coupling.trajectory import run_forward  # noqa: E402
+from coupling.analysis.prompt import analyze_prompt
+from coupling.analysis.steps import layer_function
+from coupling.experiments.study import stochastic_depth as sd  # noqa: E402
+from coupling.experiments.study import vit  # noqa: E402
+from coupling.model.loading import LoadedModel  # noqa: E402
+from coupling.model.trajectory import run_forward  # noqa: E402
+from coupling.settings.scan_settings import ScanSettings  # noqa: E402
 
 TINY = dict(n_layer=2, d=16, n_head=2, patch_size=4, epochs=2, warmup_epochs=0)
 
@@ -48,8 +51,8 @@ def test_digits_split_is_stratified_standardized_and_deterministic(data):
 
 
 def test_drop_path_rates_follow_the_timm_linear_rule():
-    assert vit.drop_path_rates(6, 0.5) == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4, 0.5])
-    assert vit.drop_path_rates(6, 0.5) == pytest.approx(torch.linspace(0, 0.5, 6).tolist())
+    assert sd.drop_path_rates(6, 0.5) == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4, 0.5])
+    assert sd.drop_path_rates(6, 0.5) == pytest.approx(torch.linspace(0, 0.5, 6).tolist())
 
 
 def _branch_check(block, x, p):
@@ -70,19 +73,19 @@ def _branch_check(block, x, p):
 def test_stochastic_depth_skips_per_sample_with_the_stated_probability():
     spec = vit.ViTSpec("sd", **TINY)
     model = vit.build_vit(spec).requires_grad_(False)
-    block = vit.vit_blocks(model)[1]
+    block = sd.vit_blocks(model)[1]
     p, n, passes = 0.3, 1000, 4
     torch.manual_seed(0)
     x = torch.randn(n, 5, spec.d)
     skipped = 0
-    with vit.stochastic_depth(model, [0.0, p]):
+    with sd.stochastic_depth(model, [0.0, p]):
         for _ in range(passes):
             skip, keep, _, _ = _branch_check(block, x, p)
             assert bool((skip ^ keep).all())     # every sample exactly one of the two
             assert 0 < int(skip.sum()) < n       # drawn per sample, not per batch
             skipped += int(skip.sum())
         # block 0 has rate 0: untouched in train mode
-        first = vit.vit_blocks(model)[0]
+        first = sd.vit_blocks(model)[0]
         s0, k0, out0, ref0 = _branch_check(first, x, 0.0)
         assert torch.equal(out0, ref0)
     total = n * passes
@@ -98,7 +101,7 @@ def test_stochastic_depth_is_the_identity_in_eval_mode():
     x = torch.randn(4, 1, 8, 8)
     with torch.no_grad():
         plain = model(pixel_values=x).logits
-        with vit.stochastic_depth(model, 0.9):
+        with sd.stochastic_depth(model, 0.9):
             hooked = model(pixel_values=x).logits
     assert torch.equal(plain, hooked)
 
@@ -106,7 +109,7 @@ def test_stochastic_depth_is_the_identity_in_eval_mode():
 def test_p_one_skips_every_block_so_the_model_is_embeddings_norm_head():
     model = vit.build_vit(vit.ViTSpec("sd", **TINY)).requires_grad_(False)
     x = torch.randn(8, 1, 8, 8)
-    with torch.no_grad(), vit.stochastic_depth(model, [1.0, 1.0]):
+    with torch.no_grad(), sd.stochastic_depth(model, [1.0, 1.0]):
         model.train()
         logits = model(pixel_values=x).logits
         model.eval()
@@ -210,7 +213,7 @@ def test_bad_calls_give_one_line_errors(data, trained):
     with pytest.raises(ValueError, match="K=20 is larger than the ViT width d=16"):
         vit.vit_coupling(model, data[2][:1], k=20)
     with pytest.raises(ValueError, match="needs 3 rates"):
-        vit.add_stochastic_depth(model, [0.1, 0.2])
+        sd.add_stochastic_depth(model, [0.1, 0.2])
     with pytest.raises(ValueError, match="test_fraction"):
         vit.load_digits_split(test_fraction=1.5)
     with pytest.raises(ValueError, match="n_images"):

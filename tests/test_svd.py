@@ -2,12 +2,12 @@
 import pytest
 import torch
 
-from coupling.blocks import residual_branch
-from coupling.jacobian import BlockJacobian, exact_jacobian
-from coupling.loading import LoadedModel
-from coupling.svd import randomized_svd, top_k_svd
-from coupling.trajectory import run_forward
-from coupling.zoo import build_random, random_inputs, small_config
+from coupling.jacobian.block_jacobian import BlockJacobian, exact_jacobian
+from coupling.model.blocks import residual_branch
+from coupling.model.loading import LoadedModel
+from coupling.model.trajectory import run_forward
+from coupling.model.zoo import build_random, random_inputs, small_config
+from coupling.spectrum.svd import randomized_svd, top_k_svd
 
 
 def known_matrix(d, spectrum, seed=0):
@@ -110,7 +110,7 @@ def test_matrix_free_path_never_allocates_d_by_d_at_huge_d():
 def test_dense_top_k_picks_arpack_or_full_svd_and_both_are_exact():
     """``svd: auto`` on a dense J: ARPACK for K < d/16 (d > 512), else the full SVD; either
     way the known top-K triplets come back."""
-    from coupling.svd import dense_top_k, full_svd_pays
+    from coupling.spectrum.svd import dense_top_k, full_svd_pays
     assert full_svd_pays(256, 10) and full_svd_pays(768, 50) and full_svd_pays(4096, 10, "cuda")
     assert not full_svd_pays(768, 10) and not full_svd_pays(2048, 50)
     d = 600
@@ -139,7 +139,7 @@ def test_every_method_returns_the_next_singular_value(method):
 
 
 def test_dense_top_k_routes_return_the_next_singular_value():
-    from coupling.svd import dense_top_k
+    from coupling.spectrum.svd import dense_top_k
     d = 600
     spectrum = torch.cat([torch.linspace(3, 2, 40), torch.linspace(1, 0.1, d - 40)]).double()
     J, _, _ = known_matrix(d, spectrum, seed=5)
@@ -151,7 +151,7 @@ def test_dense_top_k_routes_return_the_next_singular_value():
 def test_arpack_non_convergence_falls_back_to_the_dense_svd_and_says_so():
     """ARPACK capped at one restart on a nearly flat spectrum does not converge: the result
     comes from the dense SVD (an operator is materialised by products), exact, recorded."""
-    from coupling.svd import DENSE_FALLBACK_MAX_D
+    from coupling.spectrum.svd import DENSE_FALLBACK_MAX_D
     d, k = 300, 10
     s = torch.linspace(2.0, 1.0, d, dtype=torch.float64)
     J, U, V = known_matrix(d, s, seed=4)
@@ -176,8 +176,10 @@ def test_scan_records_the_fallback_per_layer(tmp_path):
     """``arpack_maxiter: 1`` in a scan: every layer falls back, the grids are still the exact
     ones, and layers.parquet / the summary say which layers fell back."""
     import numpy as np
-    from coupling.analysis import ScanSettings, analyze_prompt
-    from coupling.results import layers_frame, summary_frame
+
+    from coupling.analysis.prompt import analyze_prompt
+    from coupling.results.scan_output import layers_frame, summary_frame
+    from coupling.settings.scan_settings import ScanSettings
     cfg = small_config("gpt2", d=64, n_layers=3)
     lm = LoadedModel(build_random(cfg), None, cfg, {"n_layers": 3})
     ids = random_inputs("gpt2", n_tokens=6)["input_ids"]

@@ -9,21 +9,22 @@ import numpy as np
 import pytest
 import torch
 
-from coupling.analysis import (ScanSettings, analyze_prompt, _token_jacobians, fast_block,
-                               layer_function)
-from coupling.coupling_metrics import (context_coupling_fixed_input,
-                                       context_coupling_fixed_output, token_grid_pairs,
-                                       token_self_coupling)
-from coupling.hf_call import is_causal
-from coupling.jacobian import exact_jacobians, exact_jacobians_from_input
-from coupling.loading import LoadedModel
-from coupling.svd import svd_of_dense
-from coupling.trajectory import run_forward
-from coupling.zoo import build_random, random_inputs, small_config
+from coupling.analysis.prompt import analyze_prompt
+from coupling.analysis.steps import _token_jacobians, fast_block, layer_function
+from coupling.jacobian.block_jacobian import exact_jacobians, exact_jacobians_from_input
+from coupling.measures.coupling_grids import (context_coupling_fixed_input,
+                                              context_coupling_fixed_output, token_grid_pairs,
+                                              token_self_coupling)
+from coupling.model.hf_call import is_causal
+from coupling.model.loading import LoadedModel
+from coupling.model.trajectory import run_forward
+from coupling.model.zoo import build_random, random_inputs, small_config
+from coupling.settings.scan_settings import ScanSettings
+from coupling.spectrum.svd import svd_of_dense
 
 
 def all_pairs_tokens(lm, record, settings):
-    """The pre-cut token-wise analysis (coupling/analysis.py ``_tokens`` at commit 0bb4342)."""
+    """The pre-cut token-wise analysis (coupling/analysis/prompt.py ``_tokens`` at commit 0bb4342)."""
     n = record.n_tokens
     l, lp = settings.token_layers                     # given by every caller here
     k = min(settings.k, record.hidden_states.shape[-1])

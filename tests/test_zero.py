@@ -26,12 +26,12 @@ import torch
 
 pytest.importorskip("deepspeed")
 
-from coupling.checkpoints import scan_checkpoints  # noqa: E402
-from coupling.loading import TINY_MODEL_DIR, load_model  # noqa: E402
-from coupling.results import read_scan_output  # noqa: E402
+from coupling.experiments.checkpoints import scan_checkpoints  # noqa: E402
+from coupling.model.loading import TINY_MODEL_DIR, load_model  # noqa: E402
+from coupling.model.zero import load_zero_checkpoint, resolve_tag  # noqa: E402
+from coupling.model.zoo import save_random, small_config  # noqa: E402
+from coupling.results.scan_output import read_scan_output  # noqa: E402
 from coupling.scan import scan  # noqa: E402
-from coupling.zero import load_zero_checkpoint, resolve_tag  # noqa: E402
-from coupling.zoo import save_random, small_config  # noqa: E402
 
 STAGES = (2, 3)
 SCAN = dict(prompts="builtin", max_prompts=2, k=4, figures=False, progress=False)

@@ -14,8 +14,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-from ..owned import atomic_write
-from ..results import ScanResult
+from coupling.results.owned import atomic_write
+from coupling.results.scan_output import ScanResult
 
 DPI = 120
 CMAP = "viridis"           # m~ maps: dark = low m~ = strongly coupled, yellow = uncoupled

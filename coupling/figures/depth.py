@@ -5,10 +5,10 @@ import numpy as np
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
-from ..results import ScanResult
-from .common import (AXIS_L, AXIS_LP, CBAR_LABEL, _heatmap, _k, _layer_ticks, _quiet,
-                     color_limits, model_label)
-from .scans import _row_in
+from coupling.figures.common import (AXIS_L, AXIS_LP, CBAR_LABEL, _heatmap, _k, _layer_ticks,
+                                     _quiet, color_limits, model_label)
+from coupling.figures.scans import _row_in
+from coupling.results.scan_output import ScanResult
 
 
 def _prompt_row(scan: ScanResult, prompt_id) -> int:

@@ -4,8 +4,9 @@ from __future__ import annotations
 import numpy as np
 from matplotlib.figure import Figure
 
-from ..results import ScanResult
-from .common import COLORS, _empty_note, _layer_ticks, _log_y, _shape_label, band, model_label
+from coupling.figures.common import (COLORS, _empty_note, _layer_ticks, _log_y, _shape_label, band,
+                                     model_label)
+from coupling.results.scan_output import ScanResult
 
 LAYER_PANELS = (
     ("norm", r"norm $\|x^l\|$ (last token)", "log"),

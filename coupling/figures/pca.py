@@ -7,9 +7,9 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
-from ..results import ScanResult
-from .common import _truncated, model_label
-from .scans import _row_in
+from coupling.figures.common import _truncated, model_label
+from coupling.figures.scans import _row_in
+from coupling.results.scan_output import ScanResult
 
 
 def pca_figure(scan: ScanResult, prompt: int = 0) -> Figure:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..results import MANIFEST, ScanResult, read_scan_output
+from coupling.results.scan_output import MANIFEST, ScanResult, read_scan_output
 
 
 def load_scan(out_dir) -> ScanResult:

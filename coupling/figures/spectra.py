@@ -8,9 +8,9 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from ..results import ScanResult
-from .common import _k, _log_y, _quiet, model_label
-from .layers import layer_matrix, undetermined_layers
+from coupling.figures.common import _k, _log_y, _quiet, model_label
+from coupling.figures.layers import layer_matrix, undetermined_layers
+from coupling.results.scan_output import ScanResult
 
 
 def _has_spectra(scan: ScanResult) -> bool:

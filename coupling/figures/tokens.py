@@ -5,9 +5,10 @@ import numpy as np
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
-from ..results import ScanResult
-from .common import CBAR_LABEL, _heatmap, _k, _layer_ticks, color_limits, model_label
-from .scans import _row_in
+from coupling.figures.common import (CBAR_LABEL, _heatmap, _k, _layer_ticks, color_limits,
+                                     model_label)
+from coupling.figures.scans import _row_in
+from coupling.results.scan_output import ScanResult
 
 TOKEN_MAPS = (
     ("self", r"self: $J^{l}_{tt}$ vs $J^{l'}_{t't'}$",

@@ -15,10 +15,11 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 
-from ..results import ScanResult
-from .common import COLORS, _quiet, _shape_label, _truncated, model_label, save_figure
-from .layers import _missing_curve_note, layer_matrix
-from .scans import load_scan
+from coupling.figures.common import (COLORS, _quiet, _shape_label, _truncated, model_label,
+                                     save_figure)
+from coupling.figures.layers import _missing_curve_note, layer_matrix
+from coupling.figures.scans import load_scan
+from coupling.results.scan_output import ScanResult
 
 
 def load_runs(run_dirs) -> list[tuple[int, ScanResult]]:
