@@ -217,6 +217,27 @@ def test_depth_heatmap_shows_the_grid_with_one_based_layers(tmp_path):
     assert "org/fake-model" in ax_prompt.get_title() and "'p1'" in ax_prompt.get_title()
 
 
+def test_depth_heatmap_draws_a_layer_range_with_its_own_layer_numbers(tmp_path):
+    # the paper's Fig. 3 shows blocks 9-16 only: the panel holds exactly that block of the
+    # grid, ticks and extent name the real layers, the colour scale is that block's
+    scan = load_scan(fake_scan(tmp_path / "s", L=6, P=2))
+    grids = np.asarray(scan.depth["normalized"], float)
+    fig = depth_coupling_figure([scan], "p1", layers=(2, 4))
+    ax_prompt, ax_mean = [ax for ax in fig.axes if ax.images]
+    shown = ax_prompt.images[0].get_array()
+    off = ~np.eye(3, dtype=bool)
+    np.testing.assert_allclose(shown.data[off], grids[1][1:4, 1:4][off])
+    np.testing.assert_allclose(ax_mean.images[0].get_array().data[off],
+                               grids.mean(0)[1:4, 1:4][off])
+    assert list(ax_prompt.get_xticks()) == [2, 3, 4]
+    assert list(ax_prompt.images[0].get_extent()) == [1.5, 4.5, 4.5, 1.5]
+    assert ax_prompt.images[0].norm.vmin == pytest.approx(
+        color_limits([grids[1][1:4, 1:4], grids.mean(0)[1:4, 1:4]])[0])
+    for bad in ((0, 4), (4, 4), (2, 7)):
+        with pytest.raises(ValueError, match="1-based, inclusive"):
+            depth_coupling_figure([scan], layers=bad)
+
+
 def test_color_limits_use_off_diagonal_entries_only():
     a = np.array([[0.0, 0.4], [0.7, 0.0]])
     b = np.array([[0.0, 0.2], [np.nan, 0.0]])

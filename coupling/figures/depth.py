@@ -17,15 +17,30 @@ def _prompt_row(scan: ScanResult, prompt_id) -> int:
     return ids.index(str(prompt_id)) if prompt_id is not None and str(prompt_id) in ids else 0
 
 
-def depth_coupling_figure(scans: list[ScanResult], prompt_id=None) -> Figure:
+def _layer_range(layers, n_layers: int) -> slice:
+    """0-based slice of the 1-based inclusive ``layers = (first, last)``; all when None."""
+    if layers is None:
+        return slice(0, n_layers)
+    first, last = (int(x) for x in layers)
+    if not 1 <= first < last <= n_layers:
+        raise ValueError(f"layers={tuple(layers)} must be (first, last) with 1 <= first < last "
+                         f"<= {n_layers} (1-based, inclusive)")
+    return slice(first - 1, last)
+
+
+def depth_coupling_figure(scans: list[ScanResult], prompt_id=None, layers=None) -> Figure:
     """Columns = scans, rows = one prompt (``prompt_id``) and the mean over prompts.
 
     Every panel shares one color scale (``color_limits`` of the off-diagonal entries); the
     diagonal ``l = l'`` (trivially m~ = 0) is hatched grey so it does not set the scale.
+    ``layers = (first, last)``, 1-based and inclusive, draws only that block of the grid
+    (the paper's Fig. 3 shows blocks 9-16); the color scale is then that block's.
     """
     panels = []   # (scan, [(grid, row title)])
     for scan in scans:
         grids = np.asarray(scan.depth["normalized"], float)
+        part = _layer_range(layers, grids.shape[-1])
+        grids = grids[:, part, part]
         idx = _prompt_row(scan, prompt_id)
         pid = str(scan.summary["prompt_id"].iloc[idx])
         cells = [(grids[_row_in(scan.depth, scan, idx)], f"prompt {pid!r}")]
@@ -41,9 +56,10 @@ def depth_coupling_figure(scans: list[ScanResult], prompt_id=None) -> Figure:
     for c, (scan, cells) in enumerate(panels):
         for r, (grid, what) in enumerate(cells):
             ax = axes[r, c]
+            start = 1 if layers is None else int(layers[0])
             L = grid.shape[0]
-            im = _heatmap(ax, grid, norm, mask_diagonal=True, annotate=L <= 10)
-            _layer_ticks(ax, L)
+            im = _heatmap(ax, grid, norm, mask_diagonal=True, annotate=L <= 10, start=start)
+            _layer_ticks(ax, L + start - 1, start=start)
             ax.set_xlabel(AXIS_LP)
             ax.set_ylabel(AXIS_L)
             ax.set_title(f"{model_label(scan.manifest)}\n{what}", fontsize=10)
