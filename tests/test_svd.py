@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from gap_tolerance import assert_close_by_gap, depth_tolerance_from_spectra
 from coupling.jacobian.block_jacobian import BlockJacobian, exact_jacobian
 from coupling.model.blocks import residual_branch
 from coupling.model.loading import LoadedModel
@@ -189,7 +190,10 @@ def test_scan_records_the_fallback_per_layer(tmp_path):
     free = analyze_prompt(lm, ids, ScanSettings(**common), record=rec)
     assert capped.spectral_flags["svd_fallback"].all() and not free.spectral_flags["svd_fallback"].any()
     assert capped.summary["depth_svd_fallbacks"] == 3 and free.summary["depth_svd_fallbacks"] == 0
-    assert np.allclose(capped.depth_normalized, free.depth_normalized, atol=1e-4)
+    tol = depth_tolerance_from_spectra(free.depth_normalized, free.depth_raw,
+                                       free.singular_values, free.next_singular_values, 64)
+    assert_close_by_gap(capped.depth_normalized, free.depth_normalized, tol.normalized,
+                        tol.determined, "depth m~")
     layers = layers_frame([capped])
     assert list(layers["svd_fallback"].iloc[1:]) == [True] * 3 and layers["svd_fallback"].isna()[0]
     assert summary_frame([capped])["depth_svd_fallbacks"].iloc[0] == 3
