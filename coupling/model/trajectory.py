@@ -98,7 +98,8 @@ def run_forward(loaded: LoadedModel, inputs, block_path: str | None = None,
     device = loaded.device
     kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
     with CallRecorder(blocks) as rec:
-        out = model(**kwargs, output_hidden_states=True, use_cache=False, return_dict=True)
+        out = model(**kwargs, output_hidden_states=True, use_cache=False, return_dict=True,
+                    **_last_logits_only(model))
     hs = getattr(out, "hidden_states", None)
     if hs is None:
         raise ValueError(f"{type(model).__name__} returned no hidden_states: it cannot be scanned")
@@ -121,6 +122,18 @@ def run_forward(loaded: LoadedModel, inputs, block_path: str | None = None,
                          "would not match X^L: scan with --raw-last-block")
     record = ForwardRecord(traj, rec.calls, path, raw, final_norm=norm)
     return with_last_block(record, last_block, model)
+
+
+def _last_logits_only(model) -> dict:
+    """``logits_to_keep=1`` where the model takes it: only the hidden states are kept, and the
+    LM head on every token is ~45% of the blocks' forward at d = 768, V = 50257."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
 
 def with_last_block(record: ForwardRecord, last_block: str, model=None) -> ForwardRecord:
