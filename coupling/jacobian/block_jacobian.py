@@ -32,8 +32,11 @@ def check_finite(t: torch.Tensor, what: str) -> torch.Tensor:
 class BlockJacobian(LinearOperator):
     """Matrix-free ``J_{t1 t2}`` of a residual-branch function ``f: (1, n, d) -> (1, n, d)``.
 
-    ``chunk`` bounds how many products go through the block at once (memory).
+    ``chunk`` bounds how many products go through the block at once (memory).  ``J.T @ M``
+    (VJPs, the forward kept) costs less than ``J @ M`` (forward mode).
     """
+
+    transpose_is_cheaper = True
 
     def __init__(self, f, X: torch.Tensor, t1: int, t2: int, chunk: int = 64,
                  name: str = "block"):

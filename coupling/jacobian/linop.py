@@ -23,6 +23,9 @@ class LinearOperator:
     shape: tuple[int, int]
     dtype: torch.dtype = torch.float32
     device: torch.device = torch.device("cpu")
+    # True where ``J.T @ M`` costs less than ``J @ M`` (VJPs against forward mode or a double
+    # backward), so that work that can go either way (coupling rows) takes the transpose
+    transpose_is_cheaper: bool = False
 
     def _matmat(self, M: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

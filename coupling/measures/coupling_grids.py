@@ -78,7 +78,8 @@ def pairwise_coupling(ops_a: Sequence, svds_b: Sequence, k: int | None = None,
 
     Work: per operator ONE product ``J @ [V^1_k | ... | V^Nb_k]`` (``d_in x Nb k``; split
     into groups of ``refs_per_product`` references to bound memory), then Nb small
-    ``U^j_k^T (.)`` blocks.  Returns ``{variant: (Na, Nb) float64}`` plus
+    ``U^j_k^T (.)`` blocks; an operator whose transpose products are cheaper
+    (``transpose_is_cheaper``) takes ``J^T [U^1_k | ... | U^Nb_k]`` instead.  Returns ``{variant: (Na, Nb) float64}`` plus
     ``"A": (Na, Nb, k, k)`` when ``return_matrices``.
     """
     variants = _check_variants(variants)
@@ -105,14 +106,27 @@ def pairwise_coupling(ops_a: Sequence, svds_b: Sequence, k: int | None = None,
         for i, op in enumerate(ops):
             if op is None:
                 continue
-            blocks = []
-            for g in range(0, len(present), step):
-                JV = (op @ V_cat[:, g * k:(g + step) * k]).to(dt)           # (d_out, g k)
-                JV = JV.reshape(JV.shape[0], -1, k).permute(1, 0, 2)         # (g, d_out, k)
-                U_g = U_all[g:g + step].to(JV.device)
-                blocks.append(U_g.transpose(1, 2) @ JV)                      # (g, k, k)
+            blocks = [_coupling_blocks(op, U_all[g:g + step], V_cat[:, g * k:(g + step) * k],
+                                       k, dt) for g in range(0, len(present), step)]
             A_grid[i, present] = torch.cat(blocks).cpu().double().numpy()
     return _finish_grid(A_grid, s_rows, variants, return_matrices, k)
+
+
+def _coupling_blocks(op, U_g: torch.Tensor, V_g: torch.Tensor, k: int, dt) -> torch.Tensor:
+    """``U^j_k^T J V^j_k`` for one group of references, ``(g, k, k)``: ``U_g (g, d_out, k)``,
+    ``V_g (d_in, g k)``.  ``J`` multiplies ``V_g``, unless its transpose products are the
+    cheaper ones (``transpose_is_cheaper``: one-token and whole-prompt Jacobians, VJPs against
+    a double backward or forward mode, 3-4x; ``scripts/bench_routes.py``): then
+    ``J^T [U^1 .. U^g]``."""
+    if not op.transpose_is_cheaper:
+        JV = (op @ V_g).to(dt)                                       # (d_out, g k)
+        JV = JV.reshape(JV.shape[0], -1, k).permute(1, 0, 2)         # (g, d_out, k)
+        return U_g.to(JV.device).transpose(1, 2) @ JV
+    U_cat = U_g.permute(1, 0, 2).reshape(U_g.shape[1], -1)           # (d_out, g k)
+    JtU = op.rmatmat(U_cat).to(dt)                                   # (d_in, g k)
+    JtU = JtU.reshape(JtU.shape[0], -1, k).permute(1, 0, 2)          # (g, d_in, k)
+    V3 = V_g.reshape(V_g.shape[0], -1, k).permute(1, 0, 2).to(JtU.device)
+    return JtU.transpose(1, 2) @ V3                                  # (g, k, k)
 
 
 def pairwise_coupling_factored(svds_a: Sequence, svds_b: Sequence, k: int | None = None,

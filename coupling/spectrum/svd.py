@@ -14,8 +14,10 @@ Methods (``top_k_svd(J, k, method=...)``):
   nearly flat spectra of transformer blocks (BENCHMARKS.md: max principal
   angle ~1 at q<=2), so it is never the default.
 
-``auto`` (the default) is ``exact`` when ``d <= EXACT_MAX_D`` (the dense Jacobian is cheap to
-hold) and ``lanczos`` above.  Both are exact, so coupling values match the exact reference to
+``auto`` (the default) is ``exact`` (the dense Jacobian, from ``d`` products batched 128 at a
+time) or ``lanczos`` (ARPACK on the operator, one vector per product, plus ``L K`` products for
+the coupling rows), whichever costs less for ``(d, K)`` (:func:`dense_pays`, measured by
+``scripts/bench_routes.py``); without ``K``, ``exact`` up to ``d = EXACT_MAX_D``.  Both are exact, so coupling values match the exact reference to
 round-off; see BENCHMARKS.md for the numbers.
 
 Every method also returns ``s_{K+1}`` (``SVDResult.s_next``), the first singular value left
@@ -37,6 +39,16 @@ from coupling.jacobian.linop import LinearOperator, as_operator
 
 METHODS = ("auto", "exact", "randomized", "lanczos")
 EXACT_MAX_D = 2048
+# auto with K known (dense_pays): the dense route costs d products batched 128 at a time; the
+# matrix-free route ARPACK's single-vector products (9-14x the cost of a batched one: J v by
+# double backward, J^T u by a VJP) plus L K batched VJPs for the coupling rows.  In units of
+# one batched product that was measured (one-token J of random GPT-2-style blocks, n = 71,
+# scripts/bench_routes.py, BENCHMARKS.md) at ~1730-2030 for K = 10 (157-331 ARPACK products)
+# and ~3600-4850 for K = 50 (419-429): dense 1.3x faster at d = 1536, matrix-free 1.1-1.3x
+# faster at d = 2048 for K = 10; dense 1.6-2.8x faster at d = 1536-2048 for K = 50.  The
+# line through those crossovers: matrix-free when d > MATRIX_FREE_BASE + MATRIX_FREE_PER_K K.
+MATRIX_FREE_BASE = 1260
+MATRIX_FREE_PER_K = 59
 # dense_top_k: full SVD up to this width, or when K is at least this fraction of d.  ARPACK
 # costs ~K d^2 per restart cycle, the SVD ~d^3; on real block Jacobians (2 CPU threads) the
 # crossover is K ~ 40 at d = 768 and K > 50 at d = 1024 (scripts/bench_dense_topk.py).
@@ -94,12 +106,27 @@ class SVDResult:
                          self.fallback)
 
 
-def resolve_method(method: str, d: int) -> str:
+def resolve_method(method: str, d: int, k: int | None = None,
+                   device: torch.device | str = "cpu") -> str:
+    """The route ``method`` means at width ``d``: ``auto`` -> ``exact`` or ``lanczos``
+    (:func:`dense_pays` when ``k`` is given, else ``d <= EXACT_MAX_D``)."""
     if method not in METHODS:
         raise ValueError(f"unknown SVD method {method!r}: use one of {', '.join(METHODS)}")
     if method == "auto":
-        return "exact" if d <= EXACT_MAX_D else "lanczos"
+        return "exact" if dense_pays(d, k, device) else "lanczos"
     return method
+
+
+def dense_pays(d: int, k: int | None = None, device: torch.device | str = "cpu") -> bool:
+    """Whether the dense Jacobian (``d`` batched products) costs less than ARPACK on the
+    operator plus the coupling rows, for the top-``k`` at width ``d`` (constants above).
+
+    Measured on CPU only.  On an accelerator a single-vector product costs about as much as
+    a batch of 128 (it is latency-bound), so the dense route is kept there up to
+    ``EXACT_MAX_D``, as without ``k``."""
+    if k is None or torch.device(device).type != "cpu":
+        return d <= EXACT_MAX_D
+    return d <= MATRIX_FREE_BASE + MATRIX_FREE_PER_K * k
 
 
 def top_k_svd(J, k: int, method: str = "auto", *, oversample: int = 10, n_iter: int = 4,
@@ -137,10 +164,22 @@ def full_svd_pays(d: int, k: int, device: torch.device | str = "cpu") -> bool:
 
 
 def dense_top_k(J: torch.Tensor, k: int, seed: int = 0, maxiter: int | None = None) -> SVDResult:
-    """Exact top-``k`` triplets of a dense ``J``: full SVD or ARPACK, whichever is cheaper."""
+    """Exact top-``k`` triplets of a dense ``J``: full SVD or ARPACK, whichever is cheaper.
+
+    ARPACK gets the matrix itself, in float64: its products are then numpy's, exact for the
+    float32 entries, with no conversion of every vector to and from torch (20% of its time
+    at d = 768, K = 10)."""
     if full_svd_pays(min(J.shape), k, J.device):
         return _exact(J, k)
-    return _lanczos(as_operator(_at_least_float32(J)), k, seed, maxiter)
+    d = min(J.shape)
+    if k + 1 >= d:
+        return _exact(J, k)
+    A = J.detach().to("cpu", torch.float64).numpy()
+    maxiter = default_maxiter(d, k + 1) if maxiter is None else int(maxiter)
+    triplets = _arpack(A, k, seed, maxiter)
+    if triplets is None:
+        return _exact(J, k, fallback=f"dense (ARPACK not converged in {maxiter} restarts)")
+    return _as_result(*triplets, k, _at_least_float32(J).dtype, J.device)
 
 
 def default_maxiter(d: int, k: int) -> int:
@@ -166,21 +205,33 @@ def _exact(A: torch.Tensor, k: int, fallback: str | None = None) -> SVDResult:
 def _lanczos(op: LinearOperator, k: int, seed: int, maxiter: int | None = None) -> SVDResult:
     """Top ``k`` triplets and ``s_{k+1}`` by ARPACK (``k + 1`` values), capped at ``maxiter``
     restarts; on non-convergence the dense SVD of the materialised operator, recorded."""
-    from scipy.sparse.linalg import ArpackNoConvergence, svds
-
     d = min(op.shape)
     if k + 1 >= d:  # ARPACK needs k + 1 < min(shape)
         return _exact(op.to_dense(), k)
     maxiter = default_maxiter(d, k + 1) if maxiter is None else int(maxiter)
-    rng = np.random.default_rng(seed)
-    v0 = rng.standard_normal(op.shape[1] if op.shape[1] <= op.shape[0] else op.shape[0])
-    try:
-        u, s, vt = svds(op.to_scipy(), k=k + 1, tol=0, v0=v0, maxiter=maxiter, solver="arpack")
-    except ArpackNoConvergence:
+    triplets = _arpack(op.to_scipy(), k, seed, maxiter)
+    if triplets is None:
         return _dense_fallback(op, k, maxiter)
+    return _as_result(*triplets, k, op.dtype, op.device)
+
+
+def _arpack(A, k: int, seed: int, maxiter: int):
+    """``(u, s, vt)`` of the top ``k + 1`` by ``svds`` (``tol=0``, seeded start), descending,
+    or None when ARPACK has not converged in ``maxiter`` restarts."""
+    from scipy.sparse.linalg import ArpackNoConvergence, svds
+
+    m, n = A.shape
+    v0 = np.random.default_rng(seed).standard_normal(n if n <= m else m)
+    try:
+        u, s, vt = svds(A, k=k + 1, tol=0, v0=v0, maxiter=maxiter, solver="arpack")
+    except ArpackNoConvergence:
+        return None
     order = np.argsort(s)[::-1]
-    to = dict(dtype=op.dtype, device=op.device)
-    u, s, vt = u[:, order], s[order], vt[order]
+    return u[:, order], s[order], vt[order]
+
+
+def _as_result(u, s, vt, k: int, dtype, device) -> SVDResult:
+    to = dict(dtype=dtype, device=device)
     return SVDResult(torch.as_tensor(u[:, :k].copy(), **to), torch.as_tensor(s[:k].copy(), **to),
                      torch.as_tensor(vt[:k].T.copy(), **to), torch.as_tensor(s[k], **to))
 
