@@ -192,8 +192,11 @@ def cmd_scan(args) -> int:
         return run_from_cli(data, address=None if args.ray == "local" else args.ray,
                             dry_run=args.dry_run)
     config = ScanConfig.from_dict(data)
-    result = scan(config=config)
+    result = scan(config=config, figures_in_background=True)
     print_summary(result)
+    if config.figures:   # the results are written; the figures need not hold the exit
+        print(f"figures    drawing into {os.path.join(str(result.out_dir), 'figures')} in the "
+              f"background (`coupling report {result.out_dir}` draws them again)")
     if result.failures:   # exit code 3: finished, but some prompts failed
         print(f"failed     {len(result.failures)} of {len(result.failures) + len(result.summary)}"
               f" prompts (listed in {os.path.join(str(result.out_dir), 'failures.json')})")

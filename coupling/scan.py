@@ -121,12 +121,15 @@ def package_versions() -> dict:
 
 
 def scan(model: str | None = None, *, config: ScanConfig | None = None, progress: bool = True,
-         loaded: LoadedModel | None = None, **kwargs) -> ScanResult:
+         loaded: LoadedModel | None = None, figures_in_background: bool = False,
+         **kwargs) -> ScanResult:
     """Scan ``model`` (hub id / folder / None for the embedded tiny model) over prompts.
 
     Keyword arguments are ``ScanConfig`` / ``ScanSettings`` fields (``prompts``, ``k``,
     ``svd``, ``measures``, ``out``...).  Returns the ``ScanResult`` read back from ``out``
-    (a temporary directory when ``out`` is None).
+    (a temporary directory when ``out`` is None).  The figures (``figures``) are drawn
+    before it returns, or by a detached process started as it returns when
+    ``figures_in_background`` (``coupling scan``: :mod:`coupling.figures.background`).
     """
     if config is None:
         config = ScanConfig.from_dict({"model": model, **kwargs})
@@ -167,7 +170,10 @@ def scan(model: str | None = None, *, config: ScanConfig | None = None, progress
     write_scan_output(out, manifest, results, cfg.overwrite, failures=run.failures)
     remove_store(store)
     result = read_scan_output(out)
-    if cfg.figures:
+    if cfg.figures and figures_in_background:
+        from coupling.figures.background import start
+        start(out)
+    elif cfg.figures:
         from coupling.figures.report import draw_figures
         draw_figures(out)
     return result
