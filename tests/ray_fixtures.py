@@ -14,9 +14,9 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
+from gap_tolerance import assert_same_scan
 
 from coupling.model.loading import TINY_MODEL_DIR
 
@@ -27,10 +27,41 @@ SCAN_KEYS = dict(prompts="builtin", max_prompts=6, max_tokens=16, k=4, figures=F
                  measures="depth,regularity")
 
 
+# Ports a test chooses for Ray come from below the kernel's ephemeral range and above Ray's
+# default worker ports (10002-19999): nothing binding port 0 (Ray's own processes, their
+# workers, anything else on the machine) is ever handed one, so a port found free here stays
+# free until Ray binds it.  A port picked by binding 0 and releasing it is in the ephemeral
+# range: any of the head's own port-0 binds could take it before the head binds it.
+RAY_WORKER_PORTS = (10002, 19999)
+_given: set = set()
+
+
+def ephemeral_ports() -> tuple:
+    """The kernel's range for port-0 binds (``ip_local_port_range``)."""
+    try:
+        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port free now, outside the ranges other processes draw from (above)."""
+    import random
+
+    lo, hi = ephemeral_ports()
+    start = RAY_WORKER_PORTS[1] + 1
+    candidates = [p for p in range(start, 65536) if not lo <= p <= hi and p not in _given]
+    random.shuffle(candidates)
+    for port in candidates:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _given.add(port)
+        return port
+    raise RuntimeError(f"no free port in {start}-65535 outside the ephemeral range {lo}-{hi}")
 
 
 @pytest.fixture(scope="session")
@@ -115,31 +146,28 @@ def subprocess_env(**extra) -> dict:
 
 
 def assert_same_as_local(folder, ref):
-    """``depth_coupling.npz``, ``summary.parquet`` and ``layers.parquet`` match the local scan."""
-    folder = Path(folder)
-    depth = np.load(folder / "depth_coupling.npz")
-    assert list(depth["prompt_ids"]) == list(ref.depth["prompt_ids"])
-    for key in ("normalized", "raw", "singular_values"):
-        np.testing.assert_allclose(depth[key], ref.depth[key], rtol=0, atol=1e-6)
-    summary = pd.read_parquet(folder / "summary.parquet")
-    pd.testing.assert_frame_equal(summary, ref.summary, rtol=0, atol=1e-6)
-    pd.testing.assert_frame_equal(pd.read_parquet(folder / "layers.parquet"), ref.layers,
-                                  rtol=0, atol=1e-6)
-    assert summary.prompt_id.is_unique
+    """``depth_coupling.npz``, ``summary.parquet`` and ``layers.parquet`` match the local scan:
+    coupling numbers and spectra within the tolerance their spectral gaps give
+    (tests/gap_tolerance.py), the rest to 1e-6."""
+    assert_same_scan(folder, ref)
+    assert pd.read_parquet(Path(folder) / "summary.parquet").prompt_id.is_unique
 
 
-def assert_models_row(table, ref):
-    """One row; coupling = minus the mean mis-coupling (the sign ``coupling correlate`` uses)."""
-    s = ref.summary
+def assert_models_row(table, ref, folder):
+    """One row: the means over prompts of the run's own summary (``folder``: its model
+    folder, compared to the local scan ``ref`` by :func:`assert_same_as_local`), named and
+    signed as in summary.parquet (m~ and m, not negated); the model's facts as ``ref``'s."""
+    s = pd.read_parquet(Path(folder) / "summary.parquet")
     assert list(table.columns[:11]) == ["model", "revision", "params", "layers", "d_model",
-                                        "coupling_mean", "coupling_std", "coupling_raw_mean",
-                                        "lss_mean", "expodistance_mean", "n_prompts"]
+                                        "mis_coupling_mean", "mis_coupling_std",
+                                        "mis_coupling_raw_mean", "lss_mean",
+                                        "expodistance_mean", "n_prompts"]
     row = table.iloc[0]
-    assert len(table) == 1 and row["n_prompts"] == len(s)
-    assert row["coupling_mean"] == pytest.approx(-s.depth_mis_coupling_mean.mean(), abs=1e-12)
-    assert row["coupling_raw_mean"] == pytest.approx(-s.depth_mis_coupling_raw_mean.mean(),
-                                                     abs=1e-12)
-    assert row["coupling_std"] == pytest.approx(s.depth_mis_coupling_mean.std(), abs=1e-12)
+    assert len(table) == 1 and row["n_prompts"] == len(s) == len(ref.summary)
+    assert row["mis_coupling_mean"] == pytest.approx(s.depth_mis_coupling_mean.mean(), abs=1e-12)
+    assert row["mis_coupling_raw_mean"] == pytest.approx(s.depth_mis_coupling_raw_mean.mean(),
+                                                         abs=1e-12)
+    assert row["mis_coupling_std"] == pytest.approx(s.depth_mis_coupling_mean.std(), abs=1e-12)
     assert row["lss_mean"] == pytest.approx(s.lss.mean(), abs=1e-12)
     info = ref.manifest["model"]
     assert (row["params"], row["layers"], row["d_model"]) == (
@@ -189,12 +217,35 @@ class LoopbackCluster:
         from ray.cluster_utils import Cluster
 
         self.temp_dir = temp_dir
-        self.cluster = Cluster(initialize_head=True, connect=False, head_node_args=dict(
-            num_cpus=0, node_ip_address="127.0.0.1", include_dashboard=False,
-            gcs_server_port=free_port(), temp_dir=temp_dir, resources={"head": 1},
-            # a killed raylet is declared dead after ~2 s, not the default ~15 s
-            _system_config={"health_check_period_ms": 500, "health_check_failure_threshold": 4}))
+        with self._own_default_temp():
+            # GCS and dashboard-agent ports 0: each process binds its own and publishes it
+            # (the agent's default, 52365, is every other Ray's on this machine too)
+            self.cluster = Cluster(initialize_head=True, connect=False, head_node_args=dict(
+                num_cpus=0, node_ip_address="127.0.0.1", include_dashboard=False,
+                dashboard_agent_listen_port=0, temp_dir=temp_dir, resources={"head": 1},
+                # a killed raylet is declared dead after ~2 s, not the default ~15 s
+                _system_config={"health_check_period_ms": 500,
+                                "health_check_failure_threshold": 4}))
         self.nodes: dict = {}      # name -> ray._private.node.Node
+
+    @contextmanager
+    def _own_default_temp(self):
+        """``Cluster`` writes the head's address to ``<Ray's default temp dir>/ray_current_cluster``
+        and deletes it at shutdown, whatever ``temp_dir`` the nodes have: in ``/tmp/ray``,
+        which fails where no Ray has run before (no such folder: the cause of the multi-node
+        tests' setup errors on a fresh machine) and elsewhere overwrites, then deletes, the
+        address of the machine's own Ray.  Pointed (``RAY_TMPDIR``) at this cluster's temp
+        dir for the duration."""
+        before = os.environ.get("RAY_TMPDIR")
+        os.environ["RAY_TMPDIR"] = self.temp_dir
+        (Path(self.temp_dir) / "ray").mkdir(exist_ok=True)
+        try:
+            yield
+        finally:
+            if before is None:
+                os.environ.pop("RAY_TMPDIR", None)
+            else:
+                os.environ["RAY_TMPDIR"] = before
 
     @property
     def address(self) -> str:
@@ -227,7 +278,8 @@ class LoopbackCluster:
 
     def shutdown(self):
         try:
-            self.cluster.shutdown()
+            with self._own_default_temp():
+                self.cluster.shutdown()
         finally:
             kill_pids(cluster_pids(self.temp_dir))
 
@@ -255,14 +307,15 @@ def loopback_cluster():
 # ------------------------------------------------------------------------------------------
 # A head started with `ray start --head --block` (the job API, the autoscaler), on loopback
 # ------------------------------------------------------------------------------------------
-HEAD_PORT_FLAGS = ("dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                   "metrics-export-port", "ray-client-server-port", "runtime-env-agent-port",
-                   "node-manager-port", "object-manager-port")
+# The ports ``ray start --head`` would otherwise take at fixed defaults (6379 via --port,
+# 8265, 10001; 52365 is given as 0): any other Ray on the machine has those too.  The rest
+# (agent gRPC, metrics, runtime-env agent, node and object managers) are left to Ray: each
+# process binds port 0 itself and publishes what it got.
+HEAD_PORT_FLAGS = ("dashboard-port", "ray-client-server-port")
 
 
 def _start_head(temp: str, log, num_cpus: int, args, env: dict, prepare):
-    """``(process, dashboard url, gcs address)``; url None if ``ray start`` exited first (a
-    port was taken between ``free_port()`` and Ray's bind)."""
+    """``(process, dashboard url, gcs address)``; url None if ``ray start`` exited first."""
     import subprocess
     import time
     import urllib.request
@@ -272,7 +325,8 @@ def _start_head(temp: str, log, num_cpus: int, args, env: dict, prepare):
     ports = {flag: free_port() for flag in HEAD_PORT_FLAGS}
     cmd = [venv_bin("ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
            f"--port={gcs_port}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
-           f"--num-cpus={num_cpus}", "--disable-usage-stats", f"--temp-dir={temp}", *args]
+           "--dashboard-agent-listen-port=0", f"--num-cpus={num_cpus}",
+           "--disable-usage-stats", f"--temp-dir={temp}", *args]
     cmd += [f"--{k}={v}" for k, v in ports.items()]
     proc = subprocess.Popen(cmd, env=subprocess_env(**env), stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
@@ -281,12 +335,39 @@ def _start_head(temp: str, log, num_cpus: int, args, env: dict, prepare):
     while True:
         try:
             urllib.request.urlopen(f"{url}/api/version", timeout=2).read()
-            return proc, url, f"127.0.0.1:{gcs_port}"
+            break
         except OSError:
             if proc.poll() is not None:
                 return proc, None, None
             assert time.time() < deadline, "the Ray head did not come up in 120 s"
             time.sleep(0.5)
+    _wait_for_job_agent(url, proc, deadline)
+    return proc, url, f"127.0.0.1:{gcs_port}"
+
+
+def _wait_for_job_agent(url: str, proc, deadline: float):
+    """The dashboard answers before the head's job agent has registered; until it has, a
+    submitted job is refused ("No available agent to submit job", seen on a loaded 2-core
+    machine).  Ready means: a no-op job is accepted and runs to the end."""
+    import time
+
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(url)
+    while True:
+        try:
+            job = client.submit_job(entrypoint="true")
+            break
+        except RuntimeError as e:
+            assert "No available agent" in str(e), e
+            assert proc.poll() is None, "the Ray head exited while its job agent started"
+            assert time.time() < deadline, "the head's job agent did not register in 120 s"
+            time.sleep(0.5)
+    while client.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED,
+                                            JobStatus.STOPPED):
+        assert time.time() < deadline, "the probe job did not finish in 120 s"
+        time.sleep(0.5)
+    assert client.get_job_status(job) == JobStatus.SUCCEEDED, client.get_job_logs(job)
 
 
 def _stop_head(proc, temp: str):
@@ -307,9 +388,9 @@ def _stop_head(proc, temp: str):
 @contextlib.contextmanager
 def head_process(prefix: str, num_cpus: int = 2, args=(), env: dict | None = None,
                  prepare=lambda gcs_port, temp: None):
-    """A ``ray start --head`` process of its own (free ports, its own short ``--temp-dir``,
-    tried up to 3 times); yields ``(dashboard url, gcs address, temp dir)`` and afterwards
-    stops every process of that head, asserting none survived."""
+    """A ``ray start --head`` process of its own (ports from :func:`free_port`, its own short
+    ``--temp-dir``); yields ``(dashboard url, gcs address, temp dir)`` and afterwards stops
+    every process of that head, asserting none survived."""
     import shutil
     import tempfile
 
@@ -317,14 +398,9 @@ def head_process(prefix: str, num_cpus: int = 2, args=(), env: dict | None = Non
     log = open(Path(temp) / "start.log", "w")
     proc = url = None
     try:
-        for _ in range(3):
-            if proc is not None:
-                _stop_head(proc, temp)
-            proc, url, gcs = _start_head(temp, log, num_cpus, args, env or {},
-                                         lambda port: prepare(port, temp))
-            if url:
-                break
-        assert url, (Path(temp) / "start.log").read_text()[-2000:]
+        proc, url, gcs = _start_head(temp, log, num_cpus, args, env or {},
+                                     lambda port: prepare(port, temp))
+        assert url, "the Ray head exited:\n" + (Path(temp) / "start.log").read_text()[-2000:]
         yield url, gcs, temp
     finally:
         if proc is not None:
