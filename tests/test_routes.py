@@ -16,8 +16,8 @@ from coupling.spectrum.svd import dense_top_k, resolve_method, svd_of_dense
 
 
 def test_auto_takes_the_route_measured_cheaper_for_the_width_and_k():
-    # BENCHMARKS.md "Dense or matrix-free": dense 5x faster at d = 768 and 1.3x at 1536
-    # (K = 10); matrix-free 1.1-1.3x faster at d = 2048, K = 10; dense again at K = 50
+    # BENCHMARKS.md "Dense or matrix-free": dense 5x faster at d = 768 and 1.2x at 1536
+    # (K = 10); matrix-free 1.3-1.5x faster at d = 2048, K = 10; dense again at K = 50
     assert resolve_method("auto", 768, 10) == "exact"
     assert resolve_method("auto", 1536, 10) == "exact"
     assert resolve_method("auto", 2048, 10) == "lanczos"

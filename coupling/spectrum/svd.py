@@ -43,10 +43,10 @@ EXACT_MAX_D = 2048
 # matrix-free route ARPACK's single-vector products (9-14x the cost of a batched one: J v by
 # double backward, J^T u by a VJP) plus L K batched VJPs for the coupling rows.  In units of
 # one batched product that was measured (one-token J of random GPT-2-style blocks, n = 71,
-# scripts/bench_routes.py, BENCHMARKS.md) at ~1730-2030 for K = 10 (157-331 ARPACK products)
-# and ~3600-4850 for K = 50 (419-429): dense 1.3x faster at d = 1536, matrix-free 1.1-1.3x
-# faster at d = 2048 for K = 10; dense 1.6-2.8x faster at d = 1536-2048 for K = 50.  The
-# line through those crossovers: matrix-free when d > MATRIX_FREE_BASE + MATRIX_FREE_PER_K K.
+# scripts/bench_routes.py, BENCHMARKS.md) at ~1470-2030 for K = 10 (157-331 ARPACK products)
+# and ~3600-4570 for K = 50 (419-429): for K = 10 dense 4.8-5.5x faster at d = 768, 2.4x at
+# 1024, 1.2x at 1536, matrix-free 1.3-1.5x faster at 2048; for K = 50 dense 1.6-2.6x faster
+# at d = 1536-2048.  The line through the crossovers: matrix-free when d > 1260 + 59 K.
 MATRIX_FREE_BASE = 1260
 MATRIX_FREE_PER_K = 59
 # dense_top_k: full SVD up to this width, or when K is at least this fraction of d.  ARPACK
