@@ -16,7 +16,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_svd import best_time, record_prompt, start, width_config  # noqa: E402
+from bench_common import best_time, record_prompt, start, width_config  # noqa: E402
 
 
 def main(argv=None):

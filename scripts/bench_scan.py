@@ -28,7 +28,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_svd import best_time, start, sync  # noqa: E402
+from bench_common import best_time, start, sync  # noqa: E402
 
 
 def parse_args(argv=None):

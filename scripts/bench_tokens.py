@@ -62,7 +62,7 @@ def child(args) -> dict:
     if args.code:
         sys.path.insert(0, os.path.abspath(args.code))
     sys.path.insert(0, HERE)
-    from bench_svd import peak_extra_rss, start
+    from bench_common import peak_extra_rss, start
 
     start("bench_tokens", args.threads)
     import numpy as np

@@ -1,5 +1,8 @@
 """scripts/gpu_check.sh in smoke mode on the CPU: every step runs and its numbers check out.
 
+The shell script runs the driver ``scripts/gpu_check.py``, which runs each step's module
+(``scripts/gpu_check_<step>.py``) in its own process: these tests go through all of them.
+
 The GPU run itself needs a GPU; this runs the same code on tiny shapes (4 layers, d = 128,
 GQA, 16 tokens) in a subprocess, exactly as a user would, and checks the tables against
 known answers: the fast path equals the authors' whole-prompt method, the scan's grid equals
