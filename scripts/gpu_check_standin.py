@@ -88,6 +88,10 @@ def mini_pytest_main(argv) -> int:
 
     junit, kexpr, files = argv[0], argv[1], argv[2:]
     sys.modules["pytest"] = _mini_pytest_module()
+    # pytest's default ("prepend") import mode puts each test file's folder on sys.path: the
+    # tests import their helper modules by name (``from gap_tolerance import ...``)
+    for folder in dict.fromkeys(str(Path(f).resolve().parent) for f in files):
+        sys.path.insert(0, folder)
     conftest = REPO / "tests" / "conftest.py"
     if conftest.exists():
         exec(compile(conftest.read_text(), str(conftest), "exec"), {"__name__": "conftest"})
