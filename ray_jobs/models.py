@@ -1,8 +1,8 @@
 """What the driver knows about a model without loading its weights.
 
 The driver reads the config and the tokenizer (a few kB), builds the weightless skeleton
-(``ray_jobs.weights``) to count parameters and size each block, and tokenizes every prompt up
-front, so bad input fails before any actor starts.  ``info`` carries the same fields as
+(``coupling.model.weights``) to count parameters and size each block, and tokenizes every
+prompt up front, so bad input fails before any actor starts.  ``info`` carries the same fields as
 ``coupling.load_model(...).info`` (manifest ``model`` section).
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from coupling.prompts.sources import load_prompts
 from coupling.scan import tokenize_all
 from ray_jobs.config import ModelJob
 from ray_jobs.sizing import ModelSizes
-from ray_jobs.weights import build_skeleton, dtype_bytes, model_layout
+from coupling.model.weights import build_skeleton, dtype_bytes, model_layout
 
 
 @dataclass

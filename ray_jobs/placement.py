@@ -1,6 +1,7 @@
 """Where a model runs: replicas (it fits one node) or block-range stages (it does not).
 
-Sizes come from the weightless skeleton (``ray_jobs.weights``), resources from ``ray.nodes()``.
+Sizes come from the weightless skeleton (``coupling.model.weights``), resources from
+``ray.nodes()``.
 
 * **replicas** -- the model (plus its working memory) fits one node: an actor pool, each actor
   one full copy (GPU actors spread a copy over the node's GPUs with Accelerate's

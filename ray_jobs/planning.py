@@ -55,7 +55,7 @@ def _with_device_map(job, f, todo, opts, nodes, p):
     block partition; then the plan is redone with that many GPUs per replica."""
     from ray_jobs.placement import plan_placement
     from ray_jobs.sizing import replica_device_map
-    from ray_jobs.weights import build_skeleton
+    from coupling.model.weights import build_skeleton
 
     skeleton = build_skeleton(f.config, job.scan.dtype, job.scan.trust_remote_code)
     most = int(max((n.gpus for n in nodes), default=0))

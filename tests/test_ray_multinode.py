@@ -62,7 +62,7 @@ def llama_skeleton():
     from transformers import LlamaConfig
 
     from ray_jobs.models import model_sizes
-    from ray_jobs.weights import build_skeleton, model_layout
+    from coupling.model.weights import build_skeleton, model_layout
 
     cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=8,
                       num_attention_heads=4, num_key_value_heads=4, vocab_size=1000,

@@ -21,10 +21,12 @@ Which function the Jacobians are taken of (``ScanSettings.jacobian``):
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
 
-from coupling.analysis.steps import (PromptResult, assemble, couple_token, decompose_token,
-                                     depth_part, lens_heads, token_grids, traced_tokens,
-                                     trajectory_regularity)
+from coupling.analysis.depth_passes import couple_layers, decompose_layers, held, holder
+from coupling.analysis.steps import (PromptResult, assemble, lens_heads, token_grids,
+                                     token_layers, trajectory_regularity)
+from coupling.model.block_range import StreamedModel
 from coupling.model.trajectory import ForwardRecord, run_forward, with_last_block
 from coupling.settings.scan_settings import ScanSettings
 
@@ -36,24 +38,34 @@ __all__ = ["analyze_prompt", "jacobian_function_report"]
 # ------------------------------------------------------------------------------------------
 def analyze_prompt(lm, input_ids, settings: ScanSettings, prompt_id: str = "prompt",
                    meta: dict | None = None, record: ForwardRecord | None = None) -> PromptResult:
+    """``lm``: a ``LoadedModel`` (every weight in memory) or a ``StreamedModel`` (each
+    block read from disk for its turn); either way one block is in compute precision at a
+    time (``coupling.analysis.depth_passes``)."""
     timings = {}
     t0 = time.perf_counter()
     if record is None:
-        record = run_forward(lm, input_ids, last_block=settings.last_block)
+        record = (lm.forward(input_ids, settings.last_block) if isinstance(lm, StreamedModel)
+                  else run_forward(lm, input_ids, last_block=settings.last_block))
     else:      # a record made elsewhere: X^L as settings.last_block says
         record = with_last_block(record, settings.last_block, lm.model)
     timings["forward"] = time.perf_counter() - t0
     d = record.hidden_states.shape[-1]
     if settings.k > d:
         raise ValueError(f"K={settings.k} is larger than the model width d={d}: lower --k")
+    hold = holder(getattr(lm, "blocks", None), settings)
     depth = tokens = regularity = None
     if "depth" in settings.measures:
         t0 = time.perf_counter()
-        depth = [_depth(lm.model, record, settings)]
+        layers = range(1, record.n_layers + 1)
+        kept, factors = decompose_layers(record, layers, settings, lm.model, hold)
+        depth = [couple_layers(record, layers, kept, [factors], settings, lm.model, hold)]
         timings["depth"] = time.perf_counter() - t0
     if "tokens" in settings.measures:
         t0 = time.perf_counter()
-        tokens = token_grids(record, settings, lm.model)
+        with ExitStack() as both:      # the two token layers' blocks (out of range: the error)
+            for l in set(token_layers(settings, record.n_layers)) & set(record.layers):
+                both.enter_context(held(hold, l))
+            tokens = token_grids(record, settings, lm.model)
         timings["tokens"] = time.perf_counter() - t0
     if "regularity" in settings.measures:
         t0 = time.perf_counter()
@@ -61,21 +73,6 @@ def analyze_prompt(lm, input_ids, settings: ScanSettings, prompt_id: str = "prom
                                            *lens_heads(lm.model, settings.last_block))
         timings["regularity"] = time.perf_counter() - t0
     return assemble(prompt_id, record.n_tokens, meta, depth, tokens, regularity, timings)
-
-
-def _depth(model, record: ForwardRecord, settings: ScanSettings) -> dict:
-    """Every layer's Jacobians, SVDs and coupling rows, one traced token at a time (only
-    one token's Jacobians are held at once)."""
-    L = record.n_layers
-    rows, flags, blocks, functions = [], [], {}, {}
-    record.cache["deflation"] = {}       # filled by layer_jacobians (--deflate-ln)
-    for t in traced_tokens(record.n_tokens, settings):
-        jac, svds = decompose_token(record, range(1, L + 1), t, settings, model, blocks,
-                                    functions)
-        grid, flag = couple_token(jac, svds, L, settings.k)
-        rows.append(grid)
-        flags.append(flag)
-    return depth_part(rows, flags, svds, functions, record.cache.get("deflation", {}))
 
 
 # ------------------------------------------------------------------------------------------

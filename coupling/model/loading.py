@@ -74,20 +74,10 @@ def load_model(model: str | os.PathLike | None = None, *, revision: str | None =
     ``random_init=True`` keeps the config (architecture, sizes) and draws fresh weights with
     ``torch.manual_seed(seed)``, for trained-vs-untrained comparisons.
     """
-    import transformers as tf
-
     source = str(model) if model is not None else str(TINY_MODEL_DIR)
-    if revision is not None and Path(source).expanduser().is_dir():
-        # transformers loads a folder as it is and ignores the revision: refuse, rather than
-        # record a revision the weights do not come from
-        raise ModelLoadError(f"revision {revision!r} was given with the local folder {source}, "
-                             "which has no revisions: drop the revision, or pass a hub id")
     torch_dtype = parse_dtype(dtype)
     common = dict(revision=revision, trust_remote_code=trust_remote_code)
-    try:
-        config = tf.AutoConfig.from_pretrained(source, **common)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(_load_hint(source, revision, e)) from None
+    config = load_config(source, revision, trust_remote_code)
     cls = _model_class(config)
     kwargs = dict(dtype=torch_dtype, attn_implementation=attn_implementation)
     if random_init:
@@ -100,7 +90,32 @@ def load_model(model: str | os.PathLike | None = None, *, revision: str | None =
     net.eval()
     net.requires_grad_(False)
     tokenizer = _load_tokenizer(source, common)
-    info = dict(id=source if model is not None else "embedded:tiny", path=source,
+    info = model_info(source, source if model is not None else "embedded:tiny", config, net,
+                      torch_dtype, revision, random_init, seed)
+    return LoadedModel(net, tokenizer, config, info)
+
+
+def load_config(source: str, revision: str | None = None, trust_remote_code: bool = False):
+    """The model's config alone (no weights), failures as one-line ``ModelLoadError``."""
+    import transformers as tf
+
+    if revision is not None and Path(source).expanduser().is_dir():
+        # transformers loads a folder as it is and ignores the revision: refuse, rather than
+        # record a revision the weights do not come from
+        raise ModelLoadError(f"revision {revision!r} was given with the local folder {source}, "
+                             "which has no revisions: drop the revision, or pass a hub id")
+    try:
+        return tf.AutoConfig.from_pretrained(source, revision=revision,
+                                             trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(_load_hint(source, revision, e)) from None
+
+
+def model_info(source: str, model_id: str, config, net, torch_dtype, revision=None,
+               random_init: bool = False, seed: int = 0) -> dict:
+    """``LoadedModel.info``: what the manifest records about the model (``net`` may be a
+    weightless skeleton: only its structure and parameter counts are read)."""
+    return dict(id=model_id, path=source,
                 revision=revision or getattr(config, "_commit_hash", None),
                 dtype=str(torch_dtype).removeprefix("torch."), random_init=random_init,
                 seed=seed if random_init else None, model_type=config.model_type,
@@ -108,7 +123,6 @@ def load_model(model: str | os.PathLike | None = None, *, revision: str | None =
                 n_params=sum(p.numel() for p in net.parameters()),
                 n_layers=_num_layers(config), d_model=_hidden_size(config),
                 weights_sha256=_weights_hash(source))
-    return LoadedModel(net, tokenizer, config, info)
 
 
 def _from_pretrained(cls, source, revision, device_map, common, kwargs):

@@ -1,8 +1,9 @@
-"""Models without weights, and only the weights a block-range stage owns.
+"""Models without weights, and only the weights a block range owns (or one block at a time).
 
-A stage of a block-range (pipelined) placement holds blocks ``[lo, hi)`` plus, on the first
-stage, everything the model runs before its blocks (token/position embeddings) and, on the
-last stage, the final norm and the unembedding.  Nothing else is ever read from disk:
+A block range (``coupling.model.block_range``: a stage of a pipelined Ray placement, or the
+local scan reading one block at a time) holds blocks ``[lo, hi)`` plus, on the first range,
+everything the model runs before its blocks (token/position embeddings) and, on the last,
+the final norm and the unembedding.  Nothing else is ever read from disk:
 
 1. ``build_skeleton(config)`` builds the architecture under
    ``accelerate.init_empty_weights(include_buffers=False)``: parameters on the ``meta`` device
@@ -11,7 +12,8 @@ last stage, the final norm and the unembedding.  Nothing else is ever read from 
 2. ``model_layout(skeleton)`` sorts every parameter name into blocks / embedding / final norm /
    head and knows each one's size, which is what placement balances on.
 3. ``materialize(skeleton, names, weights)`` reads exactly those tensors with
-   ``safetensors.safe_open`` (one ``get_tensor`` per owned key) and puts them in place.
+   ``safetensors.safe_open`` (one ``get_tensor`` per owned key) and puts them in place;
+   ``release(skeleton, names)`` puts them back on ``meta`` (a block dropped after its turn).
 """
 from __future__ import annotations
 
@@ -176,11 +178,13 @@ def checkpoint_key(model: nn.Module, name: str, available) -> str:
 
 
 def materialize(model: nn.Module, names, files: dict, dtype="float32",
-                device: str | torch.device = "cpu") -> int:
+                device: str | torch.device = "cpu", upcast: torch.dtype | None = None) -> int:
     """Load exactly the parameters ``names`` from safetensors into ``model`` (in place).
 
     ``files``: ``{checkpoint key: file}`` (``weight_files``).  Parameters reading the same key
-    (tied embeddings held by one stage) share one tensor.  Returns the bytes read.
+    (tied embeddings held by one stage) share one tensor.  ``upcast``: then converted to this
+    (compute) dtype, tensor by tensor -- the values of the ``dtype`` model, in more bits.
+    Returns the bytes read.
     """
     from safetensors import safe_open
 
@@ -196,10 +200,22 @@ def materialize(model: nn.Module, names, files: dict, dtype="float32",
                 if key not in loaded:
                     t = fh.get_tensor(key)
                     n_bytes += t.numel() * t.element_size()
-                    t = t.to(torch_dtype) if t.is_floating_point() else t
+                    if t.is_floating_point():
+                        t = t.to(torch_dtype).to(upcast or torch_dtype)
                     loaded[key] = nn.Parameter(t.to(device), requires_grad=False)
                 _set_parameter(model, name, loaded[key])
     return n_bytes
+
+
+def release(model: nn.Module, names):
+    """Put the parameters ``names`` back on ``meta``: their memory goes once nothing else holds
+    them (a block read by :func:`materialize` for a while, then dropped)."""
+    for name in names:
+        owner, _, attr = name.rpartition(".")
+        module = model.get_submodule(owner) if owner else model
+        p = module._parameters[attr]
+        module._parameters[attr] = nn.Parameter(torch.empty_like(p, device="meta"),
+                                                requires_grad=False)
 
 
 def _set_parameter(model: nn.Module, name: str, param: nn.Parameter):
