@@ -4,11 +4,12 @@ Per (model, revision) the prompts' ``PromptResult`` objects are written by the l
 ``coupling.results.scan_output.write_scan_output`` into ``OUT/<model-key>/`` (identical layout to
 ``coupling scan``), so ``coupling report`` / ``coupling correlate`` read it unchanged.
 
-``OUT/models.parquet`` has one row per (model, revision).  Sign convention (``coupling
-correlate`` relies on it): coupling is the negative of mis-coupling, so
-``coupling_mean = -mean(depth_mis_coupling_mean)`` and
-``coupling_raw_mean = -mean(depth_mis_coupling_raw_mean)`` over prompts (NaN skipped);
-``coupling_std`` is the std (ddof=1) over prompts of the normalized mis-coupling.
+``OUT/models.parquet`` has one row per (model, revision), the quantities named and signed as
+in ``summary.parquet`` (docs/methods.md, "Names and signs"): ``mis_coupling_mean`` = the
+mean over prompts of ``depth_mis_coupling_mean`` (normalized m~, Eq. 14; NaN skipped),
+``mis_coupling_std`` its std (ddof=1), ``mis_coupling_raw_mean`` the mean of
+``depth_mis_coupling_raw_mean`` (raw m, Eq. 13).  Tables written before #23 held the negated
+values as ``coupling_mean`` / ``coupling_raw_mean``; ``coupling correlate`` reads both.
 """
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ from coupling.results.owned import atomic_write
 from coupling.results.scan_output import write_scan_output
 from coupling.scan import build_manifest
 
-MODEL_COLUMNS = ("model", "revision", "params", "layers", "d_model", "coupling_mean",
-                 "coupling_std", "coupling_raw_mean", "lss_mean", "expodistance_mean",
+MODEL_COLUMNS = ("model", "revision", "params", "layers", "d_model", "mis_coupling_mean",
+                 "mis_coupling_std", "mis_coupling_raw_mean", "lss_mean", "expodistance_mean",
                  "n_prompts")
 
 
@@ -42,16 +43,16 @@ def write_model_output(folder, job, info: dict, results, timings: dict, ray_info
 
 
 def model_row(job, info: dict, summary: pd.DataFrame) -> dict:
-    def mean(col, sign=1.0):
-        return sign * float(summary[col].mean()) if col in summary else np.nan
+    def mean(col):
+        return float(summary[col].mean()) if col in summary else np.nan
 
     mis = summary["depth_mis_coupling_mean"] if "depth_mis_coupling_mean" in summary else None
     return {"model": str(info["id"]), "revision": job.scan.revision,
             "params": int(info["n_params"]), "layers": int(info["n_layers"]),
             "d_model": int(info["d_model"]),
-            "coupling_mean": mean("depth_mis_coupling_mean", -1.0),
-            "coupling_std": float(mis.std()) if mis is not None else np.nan,
-            "coupling_raw_mean": mean("depth_mis_coupling_raw_mean", -1.0),
+            "mis_coupling_mean": mean("depth_mis_coupling_mean"),
+            "mis_coupling_std": float(mis.std()) if mis is not None else np.nan,
+            "mis_coupling_raw_mean": mean("depth_mis_coupling_raw_mean"),
             "lss_mean": mean("lss"), "expodistance_mean": mean("expodistance"),
             "n_prompts": int(len(summary)),
             "random_init": bool(job.scan.random_init), "dtype": info.get("dtype"),

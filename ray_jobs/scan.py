@@ -280,8 +280,11 @@ def print_report(report: dict):
         if rep.get("prompts_failed"):
             print(f"{key}: failed {rep['prompts_failed']} of {rep['prompts_total']} prompts "
                   f"(listed in {rep['failures_file']})")
-    cols = ["model", "revision", "coupling_mean", "coupling_raw_mean", "lss_mean", "n_prompts"]
+    cols = ["model", "revision", "mis_coupling_mean", "mis_coupling_raw_mean", "lss_mean",
+            "n_prompts"]
     print(table[cols].to_string(index=False))
+    print("mis_coupling_mean: normalized mis-coupling m~ (Eq. 14; coupling = 1 - m~), "
+          "mis_coupling_raw_mean: raw m (Eq. 13), means over prompts of l != l'")
     print(f"results in {report['out']}")
 
 

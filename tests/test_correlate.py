@@ -296,3 +296,20 @@ def test_id_column_and_several_score_columns(fake_results, tmp_path):
         assert corr.loc[(score, "coupling"), "r2"] == pytest.approx(ref.rvalue ** 2, rel=1e-12)
         assert (tmp_path / "o" / f"correlation_hyperparams_{score}.png").exists()
         assert (tmp_path / "o" / f"{score}_vs_coupling_{score}.png").exists()
+
+
+def test_a_models_table_of_mis_coupling_is_read_as_negated_coupling(tmp_path):
+    """models.parquet names and signs m~ and m as summary.parquet does (#23); the joined
+    table's coupling columns are their negation, as for the tables written before."""
+    run = tmp_path / "run"
+    run.mkdir()
+    pd.DataFrame({"model": ["org/a", "org/b"], "params": [7e9, 1e9], "layers": [32, 16],
+                  "d_model": [4096, 2048], "mis_coupling_mean": [0.2, 0.5],
+                  "mis_coupling_std": [0.01, 0.02], "mis_coupling_raw_mean": [0.8, 3.0],
+                  "lss_mean": [3.0, 4.0], "expodistance_mean": [0.1, 0.2],
+                  "n_prompts": [5, 5]}).to_parquet(run / "models.parquet")
+    t = load_results([run]).set_index("model")
+    assert list(t.loc["org/a", ["coupling_normalized", "coupling_raw", "coupling_std"]]) == \
+        [-0.2, -0.8, 0.01]
+    assert t.loc["org/b", "coupling_raw"] == -3.0 and "mis_coupling_mean" not in t
+

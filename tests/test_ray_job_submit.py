@@ -54,4 +54,4 @@ def test_job_submit_runs_a_config_end_to_end(ray_head, ray_model_dir, local_refe
     assert marker.exists(), "the crash hook did not fire inside the job"
     assert_same_as_local(out / key, local_reference)
     import pandas as pd
-    assert_models_row(pd.read_parquet(out / "models.parquet"), local_reference)
+    assert_models_row(pd.read_parquet(out / "models.parquet"), local_reference, out / key)

@@ -13,8 +13,9 @@ Conventions
   (closer to 0) means stronger coupling. A scan's ``summary.parquet`` holds per-prompt
   ``depth_mis_coupling_mean`` (normalized m~, Eq. 14, averaged over layer pairs) and
   ``depth_mis_coupling_raw_mean`` (raw m, Eq. 13); a model's coupling is minus their mean
-  over prompts. ``models.parquet`` (Ray runs) already holds the negated values in
-  ``coupling_mean`` (normalized) and ``coupling_raw_mean`` (raw).
+  over prompts. ``models.parquet`` (Ray runs) holds those means as the summary signs them,
+  ``mis_coupling_mean`` and ``mis_coupling_raw_mean``, negated here (tables written before
+  issue #23 held the negated values as ``coupling_mean`` / ``coupling_raw_mean``: read too).
 * Section 5.4 averages the raw m(A) for Fig. 1a, so ``coupling`` in the joined table is
   ``coupling_raw`` by default (``coupling_metric="normalized"`` picks the other).
 * Hyper-parameter columns use the names of the paper's Table 1: ``params_b`` (billions),

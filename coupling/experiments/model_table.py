@@ -93,6 +93,12 @@ _MODEL_TABLE_RENAMES = {"coupling_mean": "coupling_normalized",
                         "expodistance_mean": "expodistance"}
 
 
+# models.parquet since #23 holds mis-coupling as summary.parquet signs it (>= 0); the joined
+# table's coupling columns are its negation (the sign of the paper's Section 5.4)
+_NEGATED = {"mis_coupling_mean": "coupling_normalized",
+            "mis_coupling_raw_mean": "coupling_raw"}
+
+
 def normalize_model_table(df: pd.DataFrame, source: str = "") -> pd.DataFrame:
     """Bring a per-model table (models.parquet or Table-1 layout) to the joined names.
 
@@ -103,6 +109,10 @@ def normalize_model_table(df: pd.DataFrame, source: str = "") -> pd.DataFrame:
         raise ValueError(f"{source or 'per-model table'}: needs a 'model' column; "
                          f"has {', '.join(map(str, df.columns))}")
     out = df.rename(columns=_MODEL_TABLE_RENAMES).copy()
+    for src, dst in _NEGATED.items():
+        if src in out.columns and dst not in out.columns:
+            out[dst] = -pd.to_numeric(out.pop(src), errors="coerce")
+    out = out.rename(columns={"mis_coupling_std": "coupling_std"})
     if "params" in out.columns and "params_b" not in out.columns:
         out["params_b"] = pd.to_numeric(out["params"], errors="coerce") / 1e9
     out = out.drop(columns=[c for c in ("params",) if c in out.columns])
