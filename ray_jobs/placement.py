@@ -25,9 +25,10 @@ from coupling.settings.scan_settings import ScanSettings
 from ray_jobs.sizing import (GB, ModelSizes, PlacementError, balanced_ranges, device_map_summary,
                              gpu_reserve, gpus_for_replica, pipeline_depth, replica_memory,
                              stage_memory)
+from ray_jobs.shortage import cpu_rooms, gpu_rooms, room_for, shortage
 
 __all__ = ["GPU_MEMORY_GB", "GPU_MEMORY_RESOURCE", "NodeInfo", "Placement", "cluster_nodes",
-           "launchable_nodes", "plan_placement", "format_plan"]
+           "node_info", "launchable_nodes", "plan_placement", "format_plan"]
 
 # GPU memory by Ray accelerator type (``accelerator_type:<name>`` resource), in GB.
 GPU_MEMORY_GB = {"A10G": 24, "L4": 24, "T4": 16, "V100": 16, "A100": 40, "A100-40G": 40,
@@ -93,16 +94,7 @@ def cluster_nodes(gpu_memory_gb: float | None = None, autoscaler_config=None) ->
     """
     import ray
 
-    alive = []
-    for node in ray.nodes():
-        if not node.get("Alive"):
-            continue
-        res = node.get("Resources", {})
-        gpus = float(res.get("GPU", 0))
-        alive.append(NodeInfo(node["NodeID"], float(res.get("CPU", 0)), gpus,
-                              float(res.get("memory", 0)),
-                              _gpu_memory(res, gpus, gpu_memory_gb) if gpus else None,
-                              _node_label(node["NodeID"], res)))
+    alive = [node_info(node, gpu_memory_gb) for node in ray.nodes() if node.get("Alive")]
     path = Path(os.path.expanduser(autoscaler_config or "~/ray_bootstrap_config.yaml"))
     if autoscaler_config is None and not path.exists():
         return alive
@@ -110,6 +102,15 @@ def cluster_nodes(gpu_memory_gb: float | None = None, autoscaler_config=None) ->
         raise ValueError(f"autoscaler_config {path} not found: give the cluster launcher YAML")
     import yaml
     return alive + launchable_nodes(yaml.safe_load(path.read_text()), alive, gpu_memory_gb)
+
+
+def node_info(node: dict, gpu_memory_gb: float | None = None) -> NodeInfo:
+    """A node as ``ray.nodes()`` reports it (``NodeID``, ``Resources``)."""
+    res = node.get("Resources", {})
+    gpus = float(res.get("GPU", 0))
+    return NodeInfo(node["NodeID"], float(res.get("CPU", 0)), gpus, float(res.get("memory", 0)),
+                    _gpu_memory(res, gpus, gpu_memory_gb) if gpus else None,
+                    _node_label(node["NodeID"], res))
 
 
 def launchable_nodes(config: dict, alive=(), gpu_memory_gb: float | None = None) -> list:
@@ -169,8 +170,11 @@ def plan_placement(sizes: ModelSizes, settings: ScanSettings, n_tokens: int, nod
     use_gpu = gpus_per_actor != 0 and any(n.gpus > 0 for n in nodes)
     devices = _devices(nodes, use_gpu, node_memory_gb, cpus_per_actor)
     if not devices:
-        raise PlacementError(f"no node offers {cpus_per_actor} CPU(s) per worker: lower "
-                             "cpus_per_actor or add nodes")
+        have = ", ".join(f"{n.name} {n.cpus:g}" for n in nodes[:4]) + \
+            (f" and {len(nodes) - 4} more" if len(nodes) > 4 else "")
+        raise PlacementError(f"no node offers {cpus_per_actor:g} CPU(s) per worker, short of "
+                             f"CPUs (CPUs per node: {have}): lower cpus_per_actor or give the "
+                             "nodes more CPUs (ray start --num-cpus), or add nodes")
     need = replica_memory(sizes, n_tokens, settings)
     if placement == "replicas" or replicas is not None or (
             placement == "auto" and stages is None and _fits_node(need, nodes, use_gpu,
@@ -178,8 +182,8 @@ def plan_placement(sizes: ModelSizes, settings: ScanSettings, n_tokens: int, nod
         return _replicas(sizes, need, nodes, use_gpu, node_memory_gb, replicas, n_shards,
                          cpus_per_actor, gpus_per_actor, model_name,
                          gpu_reserve(sizes, n_tokens, settings))
-    return _stages(sizes, settings, n_tokens, devices, stages, cpus_per_actor, use_gpu,
-                   model_name)
+    return _stages(sizes, settings, n_tokens, nodes, devices, stages, cpus_per_actor, use_gpu,
+                   node_memory_gb, model_name)
 
 
 def _devices(nodes, use_gpu, node_memory_gb, cpus_per_actor) -> list:
@@ -201,10 +205,13 @@ def _devices(nodes, use_gpu, node_memory_gb, cpus_per_actor) -> list:
     return out
 
 
+def _per_gpu(n: NodeInfo, node_memory_gb) -> float | None:
+    return node_memory_gb * GB if node_memory_gb else n.gpu_memory
+
+
 def _node_capacity(n: NodeInfo, use_gpu, node_memory_gb) -> float:
     if use_gpu:
-        per = node_memory_gb * GB if node_memory_gb else (n.gpu_memory or 0)
-        return per * n.gpus
+        return (_per_gpu(n, node_memory_gb) or 0) * n.gpus
     return node_memory_gb * GB if node_memory_gb else n.memory
 
 
@@ -220,7 +227,7 @@ def _replicas(sizes, need, nodes, use_gpu, node_memory_gb, forced, n_shards, cpu
         # when GPU sizes differ: a copy never lands on too little memory); blocks are never
         # split between GPUs, and every GPU keeps ``reserve`` free for the working memory
         fit = [n for n in nodes if _node_capacity(n, True, node_memory_gb) >= need]
-        per_gpu = lambda n: node_memory_gb * GB if node_memory_gb else n.gpu_memory  # noqa
+        per_gpu = lambda n: _per_gpu(n, node_memory_gb)  # noqa: E731
         budget = int(min((per_gpu(n) for n in fit), default=0) - reserve)
         most = int(max((n.gpus for n in fit), default=0))
         gpus = gpus_opt or (gpus_for_replica(sizes, budget, most) if fit else 1)
@@ -229,14 +236,14 @@ def _replicas(sizes, need, nodes, use_gpu, node_memory_gb, forced, n_shards, cpu
         cap = lambda n: node_memory_gb * GB if node_memory_gb else n.memory  # noqa: E731
         per_node = [int(min(n.cpus // cpus, cap(n) // need)) for n in nodes]
     slots = sum(per_node)
-    if slots == 0:
-        best = max(_node_capacity(n, use_gpu, node_memory_gb) for n in nodes)
-        raise PlacementError(f"{name} needs {need / GB:.2f} GB per replica but the largest node "
-                             f"offers {best / GB:.2f} GB: use placement 'stages' (or auto)")
+    if slots == 0 or (forced and forced > slots):
+        rooms = gpu_rooms(nodes, gpus, need / gpus, per_gpu) if use_gpu else \
+            cpu_rooms(nodes, cpus, need, node_memory_gb)
+        what = (f"replicas={forced} of {name} asked" if forced else f"one replica of {name}") + \
+            f" ({cpus:g} CPU{f' + {gpus:g} GPU' if use_gpu else ''}, {need / GB:.2f} GB each)"
+        raise PlacementError(shortage(what, forced or 1, rooms, cpus,
+                                      "" if forced else "or use placement 'stages' (or auto)"))
     n = min(slots, forced or slots, max(1, n_shards))
-    if forced and forced > slots:
-        raise PlacementError(f"replicas={forced} asked, but the cluster holds at most {slots} "
-                             f"replicas of {name} ({need / GB:.2f} GB, {cpus} CPU each)")
     why = f"{need / GB:.2f} GB per copy fits one node" if not forced else "forced by config"
     return Placement("replicas", n, [], cpus, gpus, need if not use_gpu else 0, [need], why,
                      hosts=_group_hosts(nodes, per_node), gpu_budget=max(budget, 0))
@@ -253,7 +260,8 @@ def _group_hosts(nodes, per_node) -> list:
     return [(label, k, count) for (label, k), count in rows.items()]
 
 
-def _stages(sizes, settings, n_tokens, devices, forced, cpus, use_gpu, name) -> Placement:
+def _stages(sizes, settings, n_tokens, nodes, devices, forced, cpus, use_gpu, node_memory_gb,
+            name) -> Placement:
     biggest = max(d[1] for d in devices)
     counts = [forced] if forced else range(1, sizes.n_layers + 1)
     for S in counts:
@@ -266,7 +274,9 @@ def _stages(sizes, settings, n_tokens, devices, forced, cpus, use_gpu, name) -> 
         if forced:
             raise PlacementError(f"{name} with stages={forced}: the largest stage needs "
                                  f"{max(mems) / GB:.3g} GB, more than any node/GPU offers "
-                                 f"({biggest / GB:.3g} GB): use more stages")
+                                 f"({biggest / GB:.3g} GB), short of memory: use more stages, "
+                                 "or nodes/GPUs with more (node_memory_gb / gpu_memory_gb "
+                                 "override what Ray reports)")
         L = sizes.n_layers
         one = min(stage_memory(sizes, i, i + 1, n_tokens, settings, pipeline_depth(L))
                   for i in range(L))
@@ -276,9 +286,13 @@ def _stages(sizes, settings, n_tokens, devices, forced, cpus, use_gpu, name) -> 
             f"{biggest / GB:.3g} GB (node_memory_gb / gpu_memory_gb, or bigger nodes)")
     hosts = _can_host(mems, devices, cpus, use_gpu)
     if hosts is None:
-        raise PlacementError(f"{name} needs {S} stages of up to {max(mems) / GB:.3g} GB but the "
-                             f"cluster has {len(devices)} {'GPUs' if use_gpu else 'nodes'} "
-                             "able to host them: add nodes")
+        rooms = gpu_rooms(nodes, 1, max(mems), lambda n: _per_gpu(n, node_memory_gb)) \
+            if use_gpu else cpu_rooms(nodes, cpus, max(mems), node_memory_gb)
+        each = "1 GPU" if use_gpu else f"{cpus:g} CPU"
+        held = room_for(rooms)
+        raise PlacementError(shortage(
+            f"{name} in {S} stages ({each} and up to {max(mems) / GB:.3g} GB each)", S, rooms,
+            cpus, f"or fewer stages (stages: {held})" if forced and held else ""))
     why = "forced by config" if forced else \
         f"{sizes.whole / GB:.3g} GB of weights need {S} stage(s)"
     return Placement("stages", S, ranges, cpus, 1 if use_gpu else 0,

@@ -143,7 +143,9 @@ def test_stage_count_sized_per_gpu_memory():
     assert Counter(p.hosts) == {f"t4-{i}": 2 for i in range(4)}      # one stage per GPU
     with pytest.raises(PlacementError, match="stages=7: the largest stage needs"):
         plan_placement(model, s, 32, nodes, stages=7)
-    with pytest.raises(PlacementError, match="8 stages .* 6 GPUs"):
+    # 3 nodes of 2 GPUs: the GPUs (one per stage) are short, not their memory
+    with pytest.raises(PlacementError, match=r"in 8 stages .*room for at most 6 of 8, short of "
+                       r"GPUs \(node t4-0: 2 GPUs -> 2, 16 GB each -> enough; node t4-1"):
         plan_placement(model, s, 32, nodes[:3])
 
 

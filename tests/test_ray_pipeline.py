@@ -172,16 +172,17 @@ def test_config_validation_is_one_line(tmp_path):
         assert "\n" not in str(e.value)
 
 
-def test_models_row_negates_mis_coupling():
+def test_models_row_keeps_the_summary_names_and_signs():
     summary = pd.DataFrame({"depth_mis_coupling_mean": [0.2, 0.4, 0.9],
                             "depth_mis_coupling_raw_mean": [1.0, 2.0, 3.0],
                             "lss": [2.0, 3.0, 4.0], "expodistance": [0.1, 0.2, 0.3]})
     job = parse_config({"model": "org/m", "revision": "r1"}, out="o").jobs[0]
     info = {"id": "org/m", "n_params": 10, "n_layers": 2, "d_model": 8, "dtype": "float32"}
     row = model_row(job, info, summary)
-    assert row["coupling_mean"] == pytest.approx(-0.5)
-    assert row["coupling_raw_mean"] == pytest.approx(-2.0)
-    assert row["coupling_std"] == pytest.approx(np.std([0.2, 0.4, 0.9], ddof=1))
+    assert row["mis_coupling_mean"] == pytest.approx(0.5)
+    assert row["mis_coupling_raw_mean"] == pytest.approx(2.0)
+    assert row["mis_coupling_std"] == pytest.approx(np.std([0.2, 0.4, 0.9], ddof=1))
+    assert not any(c.startswith("coupling") for c in row)   # no second name, no second sign
     assert row["lss_mean"] == 3.0 and row["n_prompts"] == 3 and row["revision"] == "r1"
 
 
@@ -222,3 +223,45 @@ def test_forced_stage_count_that_does_not_fit_says_use_more_stages():
     nodes = [NodeInfo(f"n{i}", 8, 0, 4.25 * GB) for i in range(8)]
     with pytest.raises(PlacementError, match="with stages=2: the largest stage needs .* use more"):
         plan_placement(model, s, 32, nodes, stages=2)
+
+
+# Nodes as ``ray.nodes()`` reports them (Ray 2.60; a 2-CPU machine, and a 2-GPU A10G node)
+RAY_CPU_NODE = {"NodeID": "928029504566279c6555efb09defad71bfce7fb9e7f1ac266308bfbe",
+                "Alive": True, "Resources": {"node:__internal_head__": 1.0,
+                                             "node:127.0.0.1": 1.0, "memory": 13409042842.0,
+                                             "object_store_memory": 5746732646.0, "CPU": 2.0}}
+RAY_GPU_NODE = {"NodeID": "5f0c2b1e9a7d4c3b8e6f1a2d3c4b5a6f7e8d9c0b1a2f3e4d5c6b7a8f",
+                "Alive": True, "Resources": {"node:10.0.0.7": 1.0, "memory": 60e9, "CPU": 8.0,
+                                             "GPU": 2.0, "accelerator_type:A10G": 1.0}}
+
+
+def test_placement_errors_name_the_short_resource_per_node_and_its_setting():
+    from ray_jobs.placement import node_info
+
+    s = ScanSettings(k=4)
+    small = _sizes([10 ** 6] * 4, d=32)
+    cpu, gpu = node_info(RAY_CPU_NODE), node_info(RAY_GPU_NODE)
+
+    def error(*args, **kw) -> str:
+        with pytest.raises(PlacementError) as e:
+            plan_placement(*args, **kw)
+        assert "\n" not in str(e.value)
+        return str(e.value)
+
+    # 3 stages on one 2-CPU node: its CPUs (1 per stage) are the limit, not its memory
+    msg = error(small, s, 16, [cpu], placement="stages", stages=3, model_name="m")
+    assert "room for at most 2 of 3, short of CPUs (node 92802950: 2 CPUs -> 2, 12.5 GB -> " in msg
+    assert "ray start --num-cpus" in msg and "cpus_per_actor (now 1)" in msg
+    assert "fewer stages (stages: 2)" in msg
+    msg = error(small, s, 16, [cpu], placement="replicas", replicas=2, cpus_per_actor=1.5)
+    assert "room for at most 1 of 2, short of CPUs (node 92802950: 2 CPUs -> 1" in msg
+    assert "cpus_per_actor (now 1.5)" in msg
+    # memory: a copy bigger than the node
+    big = _sizes([4 * GB] * 4, d=32)
+    msg = error(big, s, 16, [cpu], placement="replicas", model_name="m")
+    assert "short of memory (node 92802950: 2 CPUs -> 2, 12.5 GB -> 0)" in msg
+    assert "node_memory_gb" in msg and "placement 'stages'" in msg
+    # GPUs: one stage per GPU, two GPUs
+    msg = error(small, s, 16, [gpu], placement="stages", stages=3)
+    assert "short of GPUs (node 5f0c2b1e: 2 GPUs -> 2, 24 GB each -> enough)" in msg
+    assert "add GPU nodes" in msg
