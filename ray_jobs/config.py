@@ -25,6 +25,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from coupling.model.gguf import is_gguf_file
 from coupling.scan import ScanConfig
 from coupling.settings.schema import BY_NAME, check_keys, names, settings_dataclass
 
@@ -135,9 +136,10 @@ def _model_entries(data: dict, shared: dict) -> list:
 
 def _jobs_for(entry: dict, shared: dict, opts: RayOptions, out: str) -> list:
     source = entry.get("id", entry.get("path"))
-    if "path" in entry and not Path(str(entry["path"])).is_dir():
+    if "path" in entry and not (Path(str(entry["path"])).is_dir()
+                                or is_gguf_file(entry["path"])):
         raise ValueError(f"model folder {entry['path']!r} does not exist: fix 'path' "
-                         "(a save_pretrained folder)")
+                         "(a save_pretrained folder or a .gguf file)")
     if "revision" in entry and "revisions" in entry:
         raise ValueError(f"model {source}: give 'revision' or 'revisions', not both")
     revisions = entry.get("revisions", [entry.get("revision")])
@@ -173,7 +175,7 @@ def model_key(scan: ScanConfig) -> str:
     source = scan.model
     if source is None:
         name = "embedded-tiny"
-    elif os.path.isdir(str(source)):
+    elif os.path.exists(str(source)):      # a local folder or file (a GGUF file)
         path = os.path.normpath(str(source))
         name = f"{Path(path).name}-{hashlib.sha1(path.encode()).hexdigest()[:6]}"
     else:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from coupling.model.loading import (LoadedModel, ModelLoadError, _hidden_size, _load_hint,
-                                    _num_layers, _weights_hash, parse_dtype)
+from coupling.model.loading import (LoadedModel, _hidden_size, _num_layers, _weights_hash,
+                                    load_config, model_files, parse_dtype)
 from coupling.prompts.sources import load_prompts
 from coupling.scan import tokenize_all
 from ray_jobs.config import ModelJob
@@ -34,19 +34,11 @@ class ModelFacts:
 
 def inspect_model(job: ModelJob) -> ModelFacts:
     """Config, tokenizer, sizes and tokenized prompts of one job (validated)."""
-    import transformers as tf
-
     cfg = job.scan
     source = job.source
-    common = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
-    try:
-        config = tf.AutoConfig.from_pretrained(source, **common)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(_load_hint(source, cfg.revision, e)) from None
-    try:
-        tokenizer = tf.AutoTokenizer.from_pretrained(source, **common)
-    except (OSError, ValueError, TypeError, KeyError):
-        raise ValueError(f"model {source} has no tokenizer: save one beside the weights") from None
+    with model_files(source, cfg.revision, cfg.trust_remote_code) as (where, common, gguf):
+        config = load_config(source, cfg.revision, cfg.trust_remote_code)
+        tokenizer = gguf.tokenizer() if gguf is not None else _tokenizer(where, common, source)
     skeleton = build_skeleton(config, cfg.dtype, cfg.trust_remote_code)
     layout = model_layout(skeleton, cfg.block_path, _num_layers(config))
     info = dict(id=source if cfg.model is not None else "embedded:tiny", path=source,
@@ -57,6 +49,7 @@ def inspect_model(job: ModelJob) -> ModelFacts:
                 n_params=sum(p.numel() for p in skeleton.parameters()),
                 n_layers=_num_layers(config), d_model=_hidden_size(config),
                 weights_sha256=_weights_hash(source))
+    info.update(gguf.manifest() if gguf is not None else {})
     d = info["d_model"]
     if cfg.settings.k > (d or cfg.settings.k):
         raise ValueError(f"K={cfg.settings.k} is larger than the model width d={d}: lower --k")
@@ -66,6 +59,15 @@ def inspect_model(job: ModelJob) -> ModelFacts:
         raise ValueError(f"prompt source {cfg.prompts!r} holds no prompts")
     token_ids = tokenize_all(LoadedModel(None, tokenizer, config, info), prompts, cfg.max_tokens)
     return ModelFacts(config, tokenizer, info, sizes, prompts, token_ids)
+
+
+def _tokenizer(where, common, source):
+    import transformers as tf
+
+    try:
+        return tf.AutoTokenizer.from_pretrained(where, **common)
+    except (OSError, ValueError, TypeError, KeyError):
+        raise ValueError(f"model {source} has no tokenizer: save one beside the weights") from None
 
 
 def _generates(skeleton) -> bool:

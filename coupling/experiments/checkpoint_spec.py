@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from coupling.model.gguf import is_gguf_file
 from coupling.model.loading import TINY_MODEL_DIR
 
 EMBEDDED = "embedded:tiny"
@@ -114,7 +115,7 @@ def _path_entries(entry: dict, where: str) -> list[Checkpoint]:
     raw = str(entry["path"])
     path = resolve_path(raw)
     if _is_glob(path):
-        folders = sorted(p for p in glob.glob(path) if Path(p).is_dir())
+        folders = sorted(p for p in glob.glob(path) if _is_model_path(p))
         if not folders:
             raise ValueError(f"{where}: no checkpoint folder matches {raw!r} (looked for "
                              f"{path}): check the pattern")
@@ -122,12 +123,22 @@ def _path_entries(entry: dict, where: str) -> list[Checkpoint]:
             raise ValueError(f"{where}: a glob matches several folders; drop `step:` (each "
                              "step is parsed from its folder name)")
     else:
-        if not Path(path).is_dir():
+        if not _is_model_path(path):
             raise ValueError(f"{where}: checkpoint folder {raw!r} does not exist: pass a "
-                             "save_pretrained folder")
+                             "save_pretrained folder or a .gguf file")
         folders = [path]
-    return [Checkpoint("path", f, _step_of(entry, Path(f).name, where), Path(f).name)
-            for f in folders]
+    return [Checkpoint("path", f, _step_of(entry, _label(f), where), _label(f)) for f in folders]
+
+
+def _is_model_path(path: str) -> bool:
+    """A checkpoint on disk: a save_pretrained folder, or a GGUF file."""
+    return Path(path).is_dir() or is_gguf_file(path)
+
+
+def _label(path: str) -> str:
+    """``step-100`` of ``.../step-100`` and of ``.../step-100.gguf``."""
+    name = Path(path).name
+    return name[:-len(".gguf")] if name.lower().endswith(".gguf") else name
 
 
 def _zero_entry(entry: dict, where: str) -> Checkpoint:

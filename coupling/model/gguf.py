@@ -156,10 +156,14 @@ def dequantized_kwargs() -> dict:
     return {"quantization_config": config_cls(dequantize=True)} if config_cls else {}
 
 
+_OPEN: dict = {}       # path -> OpenGguf, while an open_gguf block holds it
+
+
 @contextlib.contextmanager
 def open_gguf(gf: GgufFile):
     """The checked file (``OpenGguf``); within the block the ``gguf`` package parses it once
-    and builds each tensor-name map once, however often transformers asks.
+    and builds each tensor-name map once, however often transformers asks.  Re-entrant: an
+    inner block on the same file shares the outer one's parse.
 
     Loading one file, transformers builds a ``GGUFReader`` for the config, another for the
     tokenizer and another for the weights (each parses every metadata value: ~5 s for a
@@ -169,18 +173,27 @@ def open_gguf(gf: GgufFile):
     function of its arguments, so both are shared instead of rebuilt."""
     import gguf
 
-    path, reader = str(gf.path), read_gguf(gf)
+    path = str(gf.path)
+    if path in _OPEN:
+        yield _OPEN[path]
+        return
+    opened = OpenGguf(gf, read_gguf(gf))
     new_reader, new_map = gguf.GGUFReader, gguf.get_tensor_name_map
 
     def shared_reader(p, mode="r"):
-        return reader if str(p) == path and mode == "r" else new_reader(p, mode)
+        key = str(p)
+        return _OPEN[key].reader if key in _OPEN and mode == "r" else new_reader(p, mode)
 
-    gguf.GGUFReader = shared_reader
-    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(new_map)
+    if not _OPEN:
+        gguf.GGUFReader = shared_reader
+        gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(new_map)
+    _OPEN[path] = opened
     try:
-        yield OpenGguf(gf, reader)
+        yield opened
     finally:
-        gguf.GGUFReader, gguf.get_tensor_name_map = new_reader, new_map
+        del _OPEN[path]
+        if not _OPEN:
+            gguf.GGUFReader, gguf.get_tensor_name_map = new_reader, new_map
 
 
 class GgufTensors:

@@ -1,4 +1,8 @@
-"""Load a Hugging Face transformer (hub id, local folder, revision) ready for Jacobians.
+"""Load a Hugging Face transformer (hub id, local folder, revision, GGUF file) ready for
+Jacobians.
+
+A GGUF file (``FILE.gguf``, or a folder holding exactly one) is read by transformers from its
+folder with ``gguf_file=NAME`` and dequantized (``coupling.model.gguf``).
 
 Jacobians need ``attn_implementation="eager"``: forward-mode AD is not implemented through
 fused SDPA attention kernels.  Parameters are frozen (we differentiate with respect to hidden
@@ -6,6 +10,7 @@ states only, which keeps autograd from storing weight gradients).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -67,48 +72,76 @@ def load_model(model: str | os.PathLike | None = None, *, revision: str | None =
                dtype="float32", attn_implementation: str = "eager",
                trust_remote_code: bool = False, random_init: bool = False, seed: int = 0,
                device: str | None = None, device_map=None) -> LoadedModel:
-    """Load model + tokenizer from a hub id or a ``save_pretrained`` folder.
+    """Load model + tokenizer from a hub id, a ``save_pretrained`` folder or a GGUF file
+    (``FILE.gguf``, or a folder holding exactly one; config and tokenizer from the file).
 
     ``model=None`` loads the embedded tiny model.  ``revision`` (a hub branch, tag or
-    commit) only goes with a hub id: with a local folder it is an error.
+    commit) only goes with a hub id: with a local folder or file it is an error.
     ``random_init=True`` keeps the config (architecture, sizes) and draws fresh weights with
     ``torch.manual_seed(seed)``, for trained-vs-untrained comparisons.
     """
     source = str(model) if model is not None else str(TINY_MODEL_DIR)
     torch_dtype = parse_dtype(dtype)
-    common = dict(revision=revision, trust_remote_code=trust_remote_code)
-    config = load_config(source, revision, trust_remote_code)
-    cls = _model_class(config)
-    kwargs = dict(dtype=torch_dtype, attn_implementation=attn_implementation)
-    if random_init:
-        torch.manual_seed(seed)
-        net = cls.from_config(config, trust_remote_code=trust_remote_code, **kwargs)
-    else:
-        net = _from_pretrained(cls, source, revision, device_map, common, kwargs)
+    with model_files(source, revision, trust_remote_code) as (where, common, gguf):
+        config = load_config(source, revision, trust_remote_code)
+        cls = _model_class(config)
+        kwargs = dict(dtype=torch_dtype, attn_implementation=attn_implementation)
+        if random_init:
+            torch.manual_seed(seed)
+            net = cls.from_config(config, trust_remote_code=trust_remote_code, **kwargs)
+        else:
+            net = _from_pretrained(cls, where, revision, device_map, common, kwargs, gguf)
+        tokenizer = gguf.tokenizer() if gguf is not None else _load_tokenizer(where, common)
     if device is not None and device_map is None:
         net = net.to(device)
     net.eval()
     net.requires_grad_(False)
-    tokenizer = _load_tokenizer(source, common)
     info = model_info(source, source if model is not None else "embedded:tiny", config, net,
                       torch_dtype, revision, random_init, seed)
+    info.update(gguf.manifest() if gguf is not None else {})
     return LoadedModel(net, tokenizer, config, info)
 
 
+@contextlib.contextmanager
+def model_files(source: str, revision=None, trust_remote_code: bool = False):
+    """``(where, common, gguf)`` for the ``from_pretrained`` calls that load ``source``
+    within the block: the folder or hub id, the keywords every call takes, and the checked
+    GGUF file (``coupling.model.gguf.OpenGguf``, parsed once for the whole block) or None."""
+    # imported here: coupling.model.gguf builds on this module's ModelLoadError
+    from coupling.model.gguf import find_gguf, open_gguf
+
+    gf = find_gguf(source)
+    _refuse_local_revision(source, revision, gf is not None)
+    common = dict(revision=revision, trust_remote_code=trust_remote_code)
+    if gf is None:
+        yield source, common, None
+        return
+    with open_gguf(gf) as gguf:
+        yield gf.folder, {**common, **gguf.kwargs}, gguf
+
+
 def load_config(source: str, revision: str | None = None, trust_remote_code: bool = False):
-    """The model's config alone (no weights), failures as one-line ``ModelLoadError``."""
+    """The model's config alone (no weights), failures as one-line ``ModelLoadError``; a
+    GGUF file's from its metadata."""
     import transformers as tf
 
-    if revision is not None and Path(source).expanduser().is_dir():
+    with model_files(source, revision, trust_remote_code) as (where, common, gguf):
+        try:
+            return tf.AutoConfig.from_pretrained(where, **common)
+        except (OSError, ValueError) as e:
+            if gguf is not None:
+                raise gguf.load_error(e) from None
+            raise ModelLoadError(_load_hint(source, revision, e)) from None
+
+
+def _refuse_local_revision(source: str, revision, is_gguf: bool):
+    is_folder = Path(source).expanduser().is_dir()
+    if revision is not None and (is_gguf or is_folder):
         # transformers loads a folder as it is and ignores the revision: refuse, rather than
         # record a revision the weights do not come from
-        raise ModelLoadError(f"revision {revision!r} was given with the local folder {source}, "
+        what = "folder" if is_folder else "file"
+        raise ModelLoadError(f"revision {revision!r} was given with the local {what} {source}, "
                              "which has no revisions: drop the revision, or pass a hub id")
-    try:
-        return tf.AutoConfig.from_pretrained(source, revision=revision,
-                                             trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(_load_hint(source, revision, e)) from None
 
 
 def model_info(source: str, model_id: str, config, net, torch_dtype, revision=None,
@@ -125,16 +158,22 @@ def model_info(source: str, model_id: str, config, net, torch_dtype, revision=No
                 weights_sha256=_weights_hash(source))
 
 
-def _from_pretrained(cls, source, revision, device_map, common, kwargs):
+def _from_pretrained(cls, source, revision, device_map, common, kwargs, gguf=None):
     """``cls.from_pretrained`` with its failures turned into one-line errors naming the file:
     a truncated or corrupted weight file, and weights that do not fit the config (which
-    transformers would otherwise fill with fresh random values, a silently wrong model)."""
+    transformers would otherwise fill with fresh random values, a silently wrong model).
+    A GGUF file is dequantized (``coupling.model.gguf.dequantized_kwargs``)."""
     from safetensors import SafetensorError
 
+    from coupling.model.gguf import dequantized_kwargs
+
+    extra = dequantized_kwargs() if gguf is not None else {}
     try:
-        net, report = cls.from_pretrained(source, device_map=device_map,
-                                          output_loading_info=True, **common, **kwargs)
+        net, report = cls.from_pretrained(source, device_map=device_map, output_loading_info=True,
+                                          **common, **kwargs, **extra)
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        if gguf is not None:
+            raise gguf.load_error(e) from None
         bad = _unreadable_weight_file(source)
         if bad is not None:
             raise ModelLoadError(f"weight file {bad[0]} is unreadable ({bad[1]}): it is truncated "

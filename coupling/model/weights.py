@@ -14,6 +14,8 @@ the final norm and the unembedding.  Nothing else is ever read from disk:
 3. ``materialize(skeleton, names, weights)`` reads exactly those tensors with
    ``safetensors.safe_open`` (one ``get_tensor`` per owned key) and puts them in place;
    ``release(skeleton, names)`` puts them back on ``meta`` (a block dropped after its turn).
+   From a GGUF file the same two calls read and dequantize only those tensors
+   (``coupling.model.gguf.GgufTensors``, which ``locate_weights`` returns for a GGUF source).
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import torch
 from torch import nn
 
 from coupling.model.blocks import find_blocks, find_final_norm
+from coupling.model.gguf import GgufTensors, find_gguf
 # the Auto-class choice must match load_model's
 from coupling.model.loading import _model_class, parse_dtype
 
@@ -129,13 +132,17 @@ def weight_files(model_dir) -> dict:
     return out
 
 
-def locate_weights(model: nn.Module, source, names, revision=None) -> dict:
+def locate_weights(model: nn.Module, source, names, revision=None) -> dict | GgufTensors:
     """``{checkpoint key: local file}`` covering the parameters ``names``.
 
     A local folder is used as is.  A hub id downloads the shard index (or the single
     ``model.safetensors``) and then only the shard files holding the owned keys, so a stage
-    of a 70B model fetches its own ~1/S of the weights.
+    of a 70B model fetches its own ~1/S of the weights.  A GGUF file (or a folder holding
+    one) gives its ``GgufTensors``: the file parsed once, each tensor read when asked for.
     """
+    gguf = find_gguf(source)
+    if gguf is not None:
+        return GgufTensors(gguf, model)
     if Path(str(source)).is_dir():
         return weight_files(source)
     from huggingface_hub import hf_hub_download
@@ -184,11 +191,14 @@ def materialize(model: nn.Module, names, files: dict, dtype="float32",
     ``files``: ``{checkpoint key: file}`` (``weight_files``).  Parameters reading the same key
     (tied embeddings held by one stage) share one tensor.  ``upcast``: then converted to this
     (compute) dtype, tensor by tensor -- the values of the ``dtype`` model, in more bits.
-    Returns the bytes read.
+    Returns the bytes read.  ``files`` may be a GGUF file's ``GgufTensors``: then only the
+    tensors of ``names`` are read and dequantized, and the bytes read are as stored.
     """
     from safetensors import safe_open
 
     torch_dtype = parse_dtype(dtype)
+    if isinstance(files, GgufTensors):
+        return _materialize_gguf(model, names, files, torch_dtype, device, upcast)
     by_file: dict = {}
     for name in names:
         key = checkpoint_key(model, name, files)
@@ -204,6 +214,16 @@ def materialize(model: nn.Module, names, files: dict, dtype="float32",
                         t = t.to(torch_dtype).to(upcast or torch_dtype)
                     loaded[key] = nn.Parameter(t.to(device), requires_grad=False)
                 _set_parameter(model, name, loaded[key])
+    return n_bytes
+
+
+def _materialize_gguf(model, names, tensors: GgufTensors, dtype, device, upcast) -> int:
+    read, n_bytes = tensors.read(names, dtype)
+    params: dict = {}                # a tied head and embedding: one tensor, one Parameter
+    for name, t in read.items():
+        if id(t) not in params:
+            params[id(t)] = nn.Parameter(t.to(upcast or dtype).to(device), requires_grad=False)
+        _set_parameter(model, name, params[id(t)])
     return n_bytes
 
 
