@@ -221,3 +221,20 @@ def test_a_folder_with_two_gguf_files_asks_for_one(f32, tmp_path, capsys):
     assert find_gguf(folder / "a.gguf").name == "a.gguf"
     with pytest.raises(GgufError, match="does not exist"):
         find_gguf(tmp_path / "missing.gguf")
+
+
+def test_a_bitsandbytes_checkpoint_is_refused_in_one_line(tmp_path, capsys):
+    """4-bit bitsandbytes weights cannot be differentiated with torch.func (docs/methods.md):
+    refused before transformers asks for a GPU library, nothing written."""
+    from coupling.model.zoo import save_random
+    folder = tmp_path / "bnb"
+    save_random("llama", folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True,
+                                     "bnb_4bit_quant_type": "nf4"}
+    (folder / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()                       # (save_pretrained's progress bar)
+    out = tmp_path / "out"
+    line = _one_line_error(["scan", "--model", str(folder), "--out", str(out)], capsys, out)
+    assert f"{folder} is a bitsandbytes-quantized checkpoint" in line
+    assert "model.dequantize()" in line

@@ -127,11 +127,26 @@ def load_config(source: str, revision: str | None = None, trust_remote_code: boo
 
     with model_files(source, revision, trust_remote_code) as (where, common, gguf):
         try:
-            return tf.AutoConfig.from_pretrained(where, **common)
+            config = tf.AutoConfig.from_pretrained(where, **common)
         except (OSError, ValueError) as e:
             if gguf is not None:
                 raise gguf.load_error(e) from None
             raise ModelLoadError(_load_hint(source, revision, e)) from None
+    _refuse_bitsandbytes(config, source)
+    return config
+
+
+def _refuse_bitsandbytes(config, source: str):
+    """A bitsandbytes 4/8-bit checkpoint: its matmuls are autograd Functions that torch.func's
+    vjp cannot pass through (docs/methods.md, "Quantized models"), so refuse it up front."""
+    quant = getattr(config, "quantization_config", None)
+    method = quant.get("quant_method") if isinstance(quant, dict) else \
+        getattr(quant, "quant_method", None)
+    if str(getattr(method, "value", method)) == "bitsandbytes":
+        raise ModelLoadError(f"{source} is a bitsandbytes-quantized checkpoint, which the scan "
+                             "cannot differentiate through: load it with transformers, call "
+                             "model.dequantize(), save_pretrained the float model and scan that "
+                             "folder (docs/methods.md, 'Quantized models')")
 
 
 def _refuse_local_revision(source: str, revision, is_gguf: bool):
