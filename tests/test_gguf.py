@@ -125,6 +125,22 @@ def test_stage_tensors_are_only_its_blocks_and_equal_the_full_load(f32):
     assert torch.equal(head["lm_head.weight"], full["model.embed_tokens.weight"])   # tied
 
 
+def test_a_gguf_file_streamed_block_by_block_gives_the_loaded_models_numbers(f32):
+    """The local scan of a model larger than memory reads each block's tensors from the GGUF
+    file for its turn (StreamedModel): the numbers of the model loaded whole."""
+    from coupling.analysis.prompt import analyze_prompt
+    from coupling.model.block_range import StreamedModel
+    from coupling.settings.scan_settings import ScanSettings
+    lm, streamed = load_model(f32[1]), StreamedModel(f32[1])
+    assert streamed.info["gguf"] == lm.info["gguf"]
+    ids = lm.tokenizer("The capital of France is Paris", return_tensors="pt").input_ids
+    settings = ScanSettings(k=4, measures=("depth", "regularity"))
+    a, b = analyze_prompt(lm, ids, settings), analyze_prompt(streamed, ids, settings)
+    np.testing.assert_array_equal(b.depth_normalized, a.depth_normalized)
+    np.testing.assert_array_equal(b.layers["norm"], a.layers["norm"])
+    assert all(p.device.type == "meta" for p in streamed.blocks.blocks.parameters())
+
+
 @pytest.mark.parametrize("placement", ["replicas", "stages"])
 def test_ray_scan_of_a_gguf_file_equals_the_local_scan(ray_address, f32, local_gguf_scan,
                                                        tmp_path, placement):

@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from coupling.model.blocks import BlockCall, CallRecorder, find_blocks, find_final_norm
-from coupling.model.loading import (_hidden_size, _load_tokenizer, _num_layers, model_info,
-                                    parse_dtype)
+from coupling.model.loading import (_hidden_size, _load_tokenizer, _num_layers, load_config,
+                                    model_files, model_info, parse_dtype)
 from coupling.model.trajectory import ForwardRecord, model_inputs, with_last_block
 from coupling.model.weights import (build_skeleton, locate_weights, materialize,
                                     materialized_numel, model_layout, release)
@@ -219,17 +219,17 @@ class StreamedModel:
 
     def __init__(self, folder, dtype="float32", trust_remote_code: bool = False,
                  block_path: str | None = None):
-        import transformers as tf
-
-        common = dict(revision=None, trust_remote_code=trust_remote_code)
-        self.config = tf.AutoConfig.from_pretrained(str(folder), **common)
-        self.blocks = BlockRange(folder, self.config, 0, _num_layers(self.config), dtype,
-                                 block_path=block_path, trust_remote_code=trust_remote_code,
-                                 lazy=True)
+        source = str(folder)      # a save_pretrained folder, or a GGUF file (parsed once)
+        with model_files(source, None, trust_remote_code) as (where, common, gguf):
+            self.config = load_config(source, None, trust_remote_code)
+            self.blocks = BlockRange(folder, self.config, 0, _num_layers(self.config), dtype,
+                                     block_path=block_path, trust_remote_code=trust_remote_code,
+                                     lazy=True)
+            self.tokenizer = gguf.tokenizer() if gguf is not None else _load_tokenizer(where,
+                                                                                       common)
         self.model = self.blocks.model
-        self.tokenizer = _load_tokenizer(str(folder), common)
-        self.info = model_info(str(folder), str(folder), self.config, self.model,
-                               self.blocks.dtype)
+        self.info = model_info(source, source, self.config, self.model, self.blocks.dtype)
+        self.info.update(gguf.manifest() if gguf is not None else {})
 
     @property
     def device(self) -> torch.device:
