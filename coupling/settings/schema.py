@@ -78,7 +78,8 @@ _ON = dict(const=True)     # a switch: the flag sets the setting to true
 SCHEMA: tuple[Setting, ...] = (
     # ---- scan: the model and the prompts (ScanConfig) ----
     _s("model", "scan", "str | None", None,
-       "hub id or save_pretrained folder (default: the embedded tiny model)", "--model"),
+       "hub id, save_pretrained folder, or GGUF file (FILE.gguf or a folder holding one; "
+       "dequantized) (default: the embedded tiny model)", "--model"),
     _s("revision", "scan", "str | None", None, "hub revision (with a hub id only)",
        "--revision"),
     _s("dtype", "scan", "str", "float32", "weights' dtype (Jacobians are always float32)",
