@@ -42,7 +42,8 @@ def add_scan_parser(sub):
     p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
                    help="run on a Ray cluster (ADDRESS, or a local one when omitted)")
     p.add_argument("--dry-run", action="store_true", default=False,
-                   help="with --ray: print the placement plan only (no actor starts)")
+                   help="print the plan only: where the weights will be and the predicted "
+                        "peak memory (with --ray: the placement plan; no actor starts)")
     p.set_defaults(func=cmd_scan)
     return p
 
@@ -183,8 +184,6 @@ def scan_config_dict(args) -> dict:
 def cmd_scan(args) -> int:
     from coupling.scan import ScanConfig, scan
 
-    if args.dry_run and not args.ray:
-        raise ValueError("--dry-run prints a Ray scan's placement plan: add --ray [ADDRESS]")
     data = scan_config_dict(args)
     if args.ray:
         from ray_jobs.scan import \
@@ -192,6 +191,11 @@ def cmd_scan(args) -> int:
         return run_from_cli(data, address=None if args.ray == "local" else args.ray,
                             dry_run=args.dry_run)
     config = ScanConfig.from_dict(data)
+    if args.dry_run:        # the memory plan: nothing loaded, nothing written
+        from coupling.scan import plan_memory
+
+        print("\n".join(plan_memory(config).lines()))
+        return 0
     result = scan(config=config, figures_in_background=True)
     print_summary(result)
     if config.figures:   # the results are written; the figures need not hold the exit
@@ -247,8 +251,23 @@ def print_summary(result):
     jac = result.manifest.get("jacobians")
     if jac:
         print(f"Jacobians  {jac['line']}")
+    mem = result.manifest.get("memory")
+    if mem:
+        print(memory_line(mem))
     t = result.manifest["timings"]
     print(f"time       {t['per_prompt_s']:.2f} s/prompt   results in {result.out_dir}")
+
+
+def memory_line(mem: dict) -> str:
+    """The summary's ``memory`` line: measured peaks, the prediction, the weights mode."""
+    from coupling.model.memory import gb
+
+    device = (f", device peak {gb(mem['device_peak_bytes'])}"
+              if mem.get("device_peak_bytes") is not None else "")
+    predicted = (f" (predicted {gb(mem['predicted_peak_bytes'])})"
+                 if mem.get("predicted_peak_bytes") else "")
+    return (f"memory     host peak {gb(mem['host_peak_bytes'])}{predicted}{device}; "
+            f"weights {mem['mode']}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,7 +26,11 @@ import yaml
 
 from coupling.analysis.prompt import analyze_prompt, jacobian_function_report
 from coupling.errors import first_line
-from coupling.model.loading import LoadedModel, load_model
+from coupling.analysis.memory_plan import MemoryPlan, param_counts, plan
+from coupling.model import memory
+from coupling.model.block_range import StreamedModel
+from coupling.model.loading import (TINY_MODEL_DIR, LoadedModel, _load_tokenizer, load_config,
+                                    load_model)
 from coupling.prompts.jsonl import Prompt
 from coupling.prompts.sources import load_prompts, tokenize_prompt
 from coupling.results.owned import LocalTree, check_replaceable, remove_owned, root_kind
@@ -141,13 +145,11 @@ def scan(model: str | None = None, *, config: ScanConfig | None = None, progress
     check_output_dir(out, cfg.overwrite)
     partial = check_partial_dir(out, cfg.overwrite)
     t_start = time.perf_counter()
-    lm = loaded or load_model(cfg.model, revision=cfg.revision, dtype=cfg.dtype,
-                              random_init=cfg.random_init, seed=cfg.init_seed,
-                              trust_remote_code=cfg.trust_remote_code)
+    memory.reset_peak()
+    mem_plan = plan_memory(cfg) if loaded is None else None   # before anything heavy
+    lm = loaded or open_model(cfg, mem_plan.mode)
     set_threads(cfg.threads, lm.info.get("d_model"))
-    if cfg.settings.k > (lm.info.get("d_model") or cfg.settings.k):
-        raise ValueError(f"K={cfg.settings.k} is larger than the model width "
-                         f"d={lm.info['d_model']}: lower --k")
+    check_k(cfg.settings.k, lm.info.get("d_model"))
     prompts = load_prompts(cfg.prompts, cfg.max_prompts, cfg.prompt_seed)
     if not prompts:
         raise ValueError(f"prompt source {cfg.prompts!r} holds no prompts")
@@ -171,6 +173,7 @@ def scan(model: str | None = None, *, config: ScanConfig | None = None, progress
                               results=results)
     manifest["prompts"] = {"total": len(prompts), "computed": run.computed,
                            "resumed": run.resumed, "failed": len(run.failures)}
+    manifest["memory"] = memory_record(mem_plan, lm)
     write_scan_output(out, manifest, results, cfg.overwrite, failures=run.failures)
     remove_store(store)
     result = read_scan_output(out)
@@ -181,6 +184,60 @@ def scan(model: str | None = None, *, config: ScanConfig | None = None, progress
         from coupling.figures.report import draw_figures
         draw_figures(out)
     return result
+
+
+def plan_memory(cfg: ScanConfig) -> MemoryPlan:
+    """Where the weights will be and the predicted host peak, from the config, the
+    safetensors headers and the prompts' token counts (no weights are read); a one-line
+    ``MemoryPlanError`` when the scan cannot fit, even one block at a time."""
+    source = str(cfg.model) if cfg.model is not None else str(TINY_MODEL_DIR)
+    config = load_config(source, cfg.revision, cfg.trust_remote_code)
+    folder = source if Path(source).is_dir() else None
+    sizes = param_counts(config, folder)
+    check_k(cfg.settings.k, sizes.d)
+    n = _longest_prompt(cfg, source, config)
+    disk_ok = folder is not None and sizes.disk_bytes is not None and not cfg.random_init
+    return plan(sizes, cfg.dtype, cfg.settings, n, cfg.weights, disk_ok)
+
+
+def check_k(k: int, d: int | None):
+    """K must not exceed the width (checked from the config before loading, and after)."""
+    if d is not None and k > d:
+        raise ValueError(f"K={k} is larger than the model width d={d}: lower --k")
+
+
+def _longest_prompt(cfg: ScanConfig, source: str, config) -> int:
+    """Tokens of the longest prompt, with the model's tokenizer alone (bad prompts fail here,
+    before loading); a model whose tokenizer comes with its weights (GGUF): ``--max-tokens``
+    or 512, an estimate (the prompts are checked after loading)."""
+    tokenizer = _load_tokenizer(source, dict(revision=cfg.revision,
+                                             trust_remote_code=cfg.trust_remote_code))
+    if tokenizer is None:
+        return cfg.max_tokens or 512
+    tokens_only = LoadedModel(None, tokenizer, config, {"id": source})
+    prompts = load_prompts(cfg.prompts, cfg.max_prompts, cfg.prompt_seed)
+    return max((ids.shape[1] for ids in tokenize_all(tokens_only, prompts, cfg.max_tokens)),
+               default=1)
+
+
+def open_model(cfg: ScanConfig, mode: str):
+    """The model as ``mode`` says: loaded whole (``memory``), or its blocks left on disk."""
+    if mode == "disk":
+        return StreamedModel(cfg.model, cfg.dtype, cfg.trust_remote_code, cfg.block_path)
+    return load_model(cfg.model, revision=cfg.revision, dtype=cfg.dtype,
+                      random_init=cfg.random_init, seed=cfg.init_seed,
+                      trust_remote_code=cfg.trust_remote_code)
+
+
+def memory_record(mem_plan: MemoryPlan | None, lm) -> dict:
+    """The manifest's ``memory``: the mode, the measured peaks (host resident set since the
+    scan started; CUDA allocator where used) and, when planned, the prediction."""
+    out = {"mode": "disk" if isinstance(lm, StreamedModel) else "memory", **memory.peak()}
+    if mem_plan is not None:
+        out.update(mem_plan.to_dict())
+    else:
+        out["reason"] = "the model was given loaded"
+    return out
 
 
 @dataclass
@@ -283,7 +340,7 @@ def open_store(partial: Path, cfg: ScanConfig, lm, prompts, token_ids, overwrite
 
 def scan_plan(cfg: ScanConfig, info: dict, prompts, token_ids) -> dict:
     """What must not change between a run and its resume: model, settings, prompts."""
-    volatile = ("out", "overwrite", "figures", "threads", "fail_fast")
+    volatile = ("out", "overwrite", "figures", "threads", "fail_fast", "weights")
     digest = hashlib.sha256()
     for p, ids in zip(prompts, token_ids):
         digest.update(json.dumps([p.id, p.text, ids.reshape(-1).tolist()]).encode())

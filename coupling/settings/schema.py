@@ -90,6 +90,11 @@ SCHEMA: tuple[Setting, ...] = (
     _s("init_seed", "scan", "int", 0, "seed of --random-init", "--init-seed", per_model=True),
     _s("trust_remote_code", "scan", "bool", False, "run the model repository's own code",
        Flag("--trust-remote-code", **_ON), per_model=True),
+    _s("weights", "scan", "str", "auto",
+       "where the weights are while the scan runs: memory (all loaded), disk (each block "
+       "read from the safetensors files for its turn: models larger than memory), auto "
+       "(memory when it fits, else disk; --dry-run says which and why)", "--weights",
+       choices=("auto", "memory", "disk")),
     _s("block_path", "scan", "str | None", None,
        "dotted path of the block list if it is not found", "--block-path", per_model=True),
     _s("prompts", "scan", "str", "builtin", "builtin | FILE.jsonl | hf:NAME[:split]",
