@@ -19,7 +19,7 @@ _LAZY = {
     "exact_jacobian": "jacobian.block_jacobian", "exact_jacobians": "jacobian.block_jacobian",
     "DenseOperator": "jacobian.linop", "LinearOperator": "jacobian.linop",
     "as_operator": "jacobian.linop",
-    "LoadedModel": "model.loading", "ModelLoadError": "model.loading",
+    "LoadedModel": "model.loading", "ModelLoadError": "errors",
     "load_model": "model.loading",
     "SVDResult": "spectrum.svd", "randomized_svd": "spectrum.svd", "top_k_svd": "spectrum.svd",
     "ForwardRecord": "model.trajectory", "logit_lens_head": "model.trajectory",

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from coupling.model.loading import ModelLoadError, load_model, parse_dtype
+from coupling.errors import ModelLoadError
+from coupling.model.loading import load_model, parse_dtype
 from coupling.model.zoo import save_random, small_config
 
 

@@ -176,7 +176,6 @@ def test_arpack_non_convergence_falls_back_to_the_dense_svd_and_says_so():
 def test_scan_records_the_fallback_per_layer(tmp_path):
     """``arpack_maxiter: 1`` in a scan: every layer falls back, the grids are still the exact
     ones, and layers.parquet / the summary say which layers fell back."""
-    import numpy as np
 
     from coupling.analysis.prompt import analyze_prompt
     from coupling.results.scan_output import layers_frame, summary_frame

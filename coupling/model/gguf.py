@@ -24,8 +24,7 @@ from pathlib import Path
 
 import torch
 
-from coupling.errors import first_line
-from coupling.model.loading import ModelLoadError
+from coupling.errors import ModelLoadError, first_line
 
 SUFFIX = ".gguf"
 
@@ -207,11 +206,8 @@ class GgufTensors:
     architecture's ``TensorProcessor``, e.g. Llama's q/k un-permutation)."""
 
     def __init__(self, gf: GgufFile, model: torch.nn.Module):
-        from transformers.modeling_gguf_pytorch_utils import (
-            TENSOR_PROCESSORS,
-            TensorProcessor,
-            get_gguf_hf_weights_map,
-        )
+        from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
+                                                              get_gguf_hf_weights_map)
 
         self.file, self.model = gf, model
         with open_gguf(gf) as opened:

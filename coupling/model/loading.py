@@ -18,17 +18,13 @@ from pathlib import Path
 
 import torch
 
-from coupling.errors import first_line
+from coupling.errors import ModelLoadError, first_line
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Packaged default: the project's own tiny GPT trained by scripts/train_tiny.py.
 TINY_MODEL_DIR = Path(__file__).resolve().parents[1] / "data" / "tiny"
-
-
-class ModelLoadError(ValueError):
-    """A model or tokenizer could not be loaded; the message says what to do."""
 
 
 @dataclass
@@ -107,7 +103,7 @@ def model_files(source: str, revision=None, trust_remote_code: bool = False):
     """``(where, common, gguf)`` for the ``from_pretrained`` calls that load ``source``
     within the block: the folder or hub id, the keywords every call takes, and the checked
     GGUF file (``coupling.model.gguf.OpenGguf``, parsed once for the whole block) or None."""
-    # imported here: coupling.model.gguf builds on this module's ModelLoadError
+    # imported here: GGUF support (the gguf package) is loaded only for GGUF files
     from coupling.model.gguf import find_gguf, open_gguf
 
     gf = find_gguf(source)

@@ -28,8 +28,9 @@ from pathlib import Path
 
 import torch
 
-from coupling.model.loading import (LoadedModel, ModelLoadError, _hidden_size, _load_tokenizer,
-                                    _model_class, _num_layers, parse_dtype)
+from coupling.errors import ModelLoadError
+from coupling.model.loading import (LoadedModel, _hidden_size, _load_tokenizer, _model_class,
+                                    _num_layers, parse_dtype)
 
 INSTALL_HINT = "pip install --no-build-isolation deepspeed"
 
