@@ -24,7 +24,7 @@ import math
 from dataclasses import dataclass
 
 from coupling.settings.scan_settings import ScanSettings
-from coupling.spectrum.svd import resolve_method
+from coupling.spectrum.svd import may_be_dense
 
 GB = 1024 ** 3
 PROCESS_OVERHEAD = int(0.5 * GB)   # python + torch + transformers in a worker process
@@ -83,7 +83,7 @@ def held_memory(n_layers: int, d: int, n_tokens: int, settings: ScanSettings) ->
     input and output, plus the dense Jacobian per traced token on the exact path (matrix-free
     operators are rebuilt, not kept)."""
     held = n_layers * n_tokens * d * 4 * 2
-    if resolve_method(settings.svd, d) == "exact":
+    if may_be_dense(settings.svd, d, settings.k):
         targets = n_tokens if settings.token == "all" else 1
         held += n_layers * targets * d * d * 4
     return held

@@ -75,7 +75,7 @@ def _scan_variant(ctx, lm, ids, k, svd, estimate, minfo):
     from coupling.spectrum.svd import resolve_method
 
     L, n, d = ctx.shape["layers"], ctx.shape["n"], ctx.shape["d"]
-    dense = resolve_method(svd, d) == "exact"
+    dense = resolve_method(svd, d, k, ctx.device) == "exact"
     route = ("dense one-token J + " + ("full SVD" if svd == "exact" else "auto top-K")) if dense \
         else "ARPACK on the one-token operator (matrix-free)"
     row = {"L": L, "d": d, "n": n, "K": k, "svd": svd, "route": route, "estimate_s": estimate}

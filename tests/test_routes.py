@@ -12,6 +12,9 @@ from coupling.measures.coupling_grids import pairwise_coupling
 from coupling.model.loading import LoadedModel
 from coupling.model.trajectory import run_forward
 from coupling.model.zoo import build_random, random_inputs, small_config
+from coupling.analysis.steps import layer_jacobians
+from coupling.jacobian.linop import LinearOperator
+from coupling.settings.scan_settings import ScanSettings
 from coupling.spectrum.svd import dense_top_k, resolve_method, svd_of_dense
 
 
@@ -25,6 +28,19 @@ def test_auto_takes_the_route_measured_cheaper_for_the_width_and_k():
     assert resolve_method("auto", 2048) == "exact"            # K not given: d <= 2048
     assert resolve_method("auto", 2048, 10, "cuda") == "exact"  # not measured off CPU
     assert resolve_method("lanczos", 768, 10) == "lanczos"
+
+
+def test_the_scan_takes_the_route_the_rule_gives_for_its_own_k():
+    """At d = 2048 the route depends on K (1260 + 59 K): the scan's layer step must ask with
+    the scan's K, not fall back to the K-blind width cut-off."""
+    cfg = small_config("llama", n_layers=1, d=2048, heads=16, ffn=32, vocab=64)
+    lm = LoadedModel(build_random(cfg), None, cfg, {"n_layers": 1})
+    rec = run_forward(lm, random_inputs("llama", n_tokens=3, vocab=64))
+    t = rec.n_tokens - 1
+    free = layer_jacobians(rec, [1], t, ScanSettings(k=10), lm.model)[1]
+    assert isinstance(free, LinearOperator) and free.n_products == 0   # nothing built yet
+    dense = layer_jacobians(rec, [1], t, ScanSettings(k=50), lm.model)[1]
+    assert isinstance(dense, torch.Tensor) and dense.shape == (2048, 2048)
 
 
 def test_arpack_on_a_dense_matrix_is_exact_and_its_fall_back_says_so():

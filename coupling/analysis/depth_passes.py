@@ -8,7 +8,7 @@ before the next block is touched.  Only the ``d x K`` factors stay.
 Pass 2 (:func:`couple_layers`): block by block again, ``J^l`` is rebuilt (the same arithmetic,
 so the same bits) for its rows ``U_{l'}^T J^l V_{l'}`` against every layer's stored factors.
 
-Dense Jacobians (the exact route, ``d <= EXACT_MAX_D``) cost ``d`` products to rebuild, so
+Dense Jacobians (the exact route, :func:`coupling.spectrum.svd.dense_pays`) cost ``d`` products to rebuild, so
 pass 1 keeps them when all of them together take no more memory than one block's compute
 copy (the peak stays O(1) blocks); otherwise pass 2 rebuilds them too.
 
@@ -111,7 +111,8 @@ def couple_layers(record: ForwardRecord, layers, kept: dict | None, all_factors:
 def _dense_fits(record: ForwardRecord, layers, tokens, settings: ScanSettings) -> bool:
     """Whether every dense ``J^l_tt`` of ``layers`` fits in one block's float32 copy."""
     d = record.hidden_states.shape[-1]
-    if resolve_method(settings.svd, d) != "exact" or not len(layers):
+    if (resolve_method(settings.svd, d, settings.k, record.hidden_states.device) != "exact"
+            or not len(layers)):
         return False
     block = sum(p.numel() for p in record.call(layers[0]).module.parameters())
     return len(tokens) * len(layers) * d * d <= block

@@ -13,7 +13,7 @@ host peak is the interpreter's resident set when planning (Python, torch, transf
     of a bf16/fp16 block (nothing for float32 weights in memory), or its tensors read from disk.
 ``work``
     the larger of a batch of one-token products through a block (activations of the
-    forward and the backward) and, on the dense route (``d <= EXACT_MAX_D``), a dense ``J``,
+    forward and the backward) and, on the dense route (``may_be_dense``), a dense ``J``,
     its SVD and the dense Jacobians kept between the passes (at most one block's worth).
 ``states``, ``factors``, ``lens``
     ``X^0..X^L`` and the recorded calls; ``U, V`` (``d x K``) and ``S`` of every layer and
@@ -35,7 +35,7 @@ from pathlib import Path
 
 from coupling.model import memory
 from coupling.model.memory import gb
-from coupling.spectrum.svd import EXACT_MAX_D
+from coupling.spectrum.svd import may_be_dense
 
 WEIGHT_MODES = ("auto", "memory", "disk")
 HEADROOM = 0.8          # auto: memory mode only when its peak is under 80% of what is free
@@ -192,7 +192,7 @@ def predict(sizes: ParamCounts, mode: str, dtype: str, settings, n_tokens: int) 
     # attention rows (prefix + batch) per head, kept for the backward and again in it
     vjp = 2 * chunk * (12 * d + 4 * sizes.ffn + 3 * sizes.heads * (n + chunk)) * 4
     dense = 0
-    if d <= EXACT_MAX_D and settings.svd in ("auto", "exact"):
+    if may_be_dense(settings.svd, d, k):
         dense = 5 * d * d * 4 + min(traced * L * d * d, block) * 4
     return {"weights": int(weights), "load": int(load), "block": int(block_bytes),
             "work": int(max(vjp, dense)),

@@ -120,7 +120,7 @@ def layer_jacobians(record: ForwardRecord, layers, t: int, settings: ScanSetting
     (:meth:`FastBlock.function_used`), so a fall-back to a slower one is never silent.
     """
     d = record.hidden_states.shape[-1]
-    dense = resolve_method(settings.svd, d) == "exact"
+    dense = resolve_method(settings.svd, d, settings.k, record.hidden_states.device) == "exact"
     blocks = {} if blocks is None else blocks
     out = {}
     for l in layers:

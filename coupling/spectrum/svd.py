@@ -17,7 +17,8 @@ Methods (``top_k_svd(J, k, method=...)``):
 ``auto`` (the default) is ``exact`` (the dense Jacobian, from ``d`` products batched 128 at a
 time) or ``lanczos`` (ARPACK on the operator, one vector per product, plus ``L K`` products for
 the coupling rows), whichever costs less for ``(d, K)`` (:func:`dense_pays`, measured by
-``scripts/bench_routes.py``); without ``K``, ``exact`` up to ``d = EXACT_MAX_D``.  Both are exact, so coupling values match the exact reference to
+``scripts/bench_routes.py``) on the CPU; on an accelerator ``exact`` up to
+``d = EXACT_MAX_D``.  Both are exact, so coupling values match the exact reference to
 round-off; see BENCHMARKS.md for the numbers.
 
 Every method also returns ``s_{K+1}`` (``SVDResult.s_next``), the first singular value left
@@ -108,8 +109,9 @@ class SVDResult:
 
 def resolve_method(method: str, d: int, k: int | None = None,
                    device: torch.device | str = "cpu") -> str:
-    """The route ``method`` means at width ``d``: ``auto`` -> ``exact`` or ``lanczos``
-    (:func:`dense_pays` when ``k`` is given, else ``d <= EXACT_MAX_D``)."""
+    """The route ``method`` means at width ``d`` for the top-``k`` on ``device``: ``auto`` ->
+    ``exact`` or ``lanczos`` (:func:`dense_pays`).  Every caller that chooses a route passes
+    ``k`` and the device the products run on; ``k=None`` is only for validating the name."""
     if method not in METHODS:
         raise ValueError(f"unknown SVD method {method!r}: use one of {', '.join(METHODS)}")
     if method == "auto":
@@ -129,6 +131,12 @@ def dense_pays(d: int, k: int | None = None, device: torch.device | str = "cpu")
     return d <= MATRIX_FREE_BASE + MATRIX_FREE_PER_K * k
 
 
+def may_be_dense(method: str, d: int, k: int) -> bool:
+    """Whether the dense route is taken for ``(d, k)`` on some device: what a memory plan that
+    does not know the device yet must budget for (the dense ``J`` costs ``d^2`` floats)."""
+    return any(resolve_method(method, d, k, dev) == "exact" for dev in ("cpu", "cuda"))
+
+
 def top_k_svd(J, k: int, method: str = "auto", *, oversample: int = 10, n_iter: int = 4,
               seed: int = 0, maxiter: int | None = None) -> SVDResult:
     """Top-``k`` singular triplets of ``J`` (dense tensor or ``LinearOperator``) and ``s_{k+1}``.
@@ -139,7 +147,7 @@ def top_k_svd(J, k: int, method: str = "auto", *, oversample: int = 10, n_iter: 
     d = min(op.shape)
     if not 1 <= k <= d:
         raise ValueError(f"K={k} must be between 1 and the Jacobian size d={d}: lower --k")
-    method = resolve_method(method, d)
+    method = resolve_method(method, d, k, op.device)
     if method == "exact":
         return _exact(op.to_dense(), k)
     if method == "lanczos":
