@@ -29,6 +29,7 @@ from coupling.errors import first_line
 from coupling.analysis.memory_plan import MemoryPlan, param_counts, plan
 from coupling.model import memory
 from coupling.model.block_range import StreamedModel
+from coupling.model.gguf import find_gguf
 from coupling.model.loading import (TINY_MODEL_DIR, LoadedModel, _load_tokenizer, load_config,
                                     load_model)
 from coupling.prompts.jsonl import Prompt
@@ -50,6 +51,9 @@ class ScanConfig:
     output; listed there once, with their help) and the per-prompt ``settings``."""
 
     settings: ScanSettings = field(default_factory=ScanSettings)
+
+    def __post_init__(self):
+        check_device_name(self.device)
 
     @classmethod
     def from_dict(cls, d: dict) -> "ScanConfig":
@@ -186,6 +190,31 @@ def scan(model: str | None = None, *, config: ScanConfig | None = None, progress
     return result
 
 
+def check_device_name(device: str):
+    name, _, index = str(device).partition(":")
+    if name == "cpu" and not index or name == "cuda" and (not index or index.isdigit()):
+        return
+    raise ValueError(f"--device {device!r}: use cpu, cuda or cuda:N")
+
+
+def device_free_bytes(device: str) -> int | None:
+    """Free memory of the scan's GPU (None for the CPU); a one-line error when this torch
+    cannot reach it."""
+    if device == "cpu":
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA "
+                         "GPU: install a CUDA build of torch on a GPU machine, or scan with "
+                         "--device cpu")
+    dev = torch.device(device)
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) here "
+                         f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    return int(torch.cuda.mem_get_info(dev)[0])
+
+
 def plan_memory(cfg: ScanConfig) -> MemoryPlan:
     """Where the weights will be and the predicted host peak, from the config, the
     safetensors headers and the prompts' token counts (no weights are read); a one-line
@@ -197,7 +226,8 @@ def plan_memory(cfg: ScanConfig) -> MemoryPlan:
     check_k(cfg.settings.k, sizes.d)
     n = _longest_prompt(cfg, source, config)
     disk_ok = folder is not None and sizes.disk_bytes is not None and not cfg.random_init
-    return plan(sizes, cfg.dtype, cfg.settings, n, cfg.weights, disk_ok)
+    return plan(sizes, cfg.dtype, cfg.settings, n, cfg.weights, disk_ok, device=cfg.device,
+                device_available=device_free_bytes(cfg.device))
 
 
 def check_k(k: int, d: int | None):
@@ -223,10 +253,16 @@ def _longest_prompt(cfg: ScanConfig, source: str, config) -> int:
 def open_model(cfg: ScanConfig, mode: str):
     """The model as ``mode`` says: loaded whole (``memory``), or its blocks left on disk."""
     if mode == "disk":
-        return StreamedModel(cfg.model, cfg.dtype, cfg.trust_remote_code, cfg.block_path)
+        return StreamedModel(cfg.model, cfg.dtype, cfg.trust_remote_code, cfg.block_path,
+                             device=cfg.device)
+    # on a GPU each tensor goes straight to the device (Accelerate), not the whole model
+    # through host memory first; GGUF tensors are dequantized on the host, then moved
+    on_host = cfg.device == "cpu" or cfg.random_init or find_gguf(cfg.model) is not None
+    device_map = None if on_host else {"": cfg.device}
     return load_model(cfg.model, revision=cfg.revision, dtype=cfg.dtype,
                       random_init=cfg.random_init, seed=cfg.init_seed,
-                      trust_remote_code=cfg.trust_remote_code)
+                      trust_remote_code=cfg.trust_remote_code,
+                      device=None if cfg.device == "cpu" else cfg.device, device_map=device_map)
 
 
 def memory_record(mem_plan: MemoryPlan | None, lm) -> dict:

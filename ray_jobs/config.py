@@ -95,6 +95,7 @@ def parse_config(data: dict, *, out: str | None = None, address: str | None = No
     if address is not None:
         ray_opts.address = address
     shared = {k: v for k, v in data.items() if k in names("scan", "analysis")}
+    check_local_only(shared)
     out = out or shared.pop("out", None) or os.path.join("runs", "ray-" + _stamp())
     shared.pop("out", None)
     overwrite = bool(shared.pop("overwrite", False))
@@ -107,6 +108,20 @@ def parse_config(data: dict, *, out: str | None = None, address: str | None = No
     if dup:
         raise ValueError(f"models listed twice: {dup}: remove the duplicates")
     return RayScanConfig(str(out), jobs, ray_opts, overwrite, dict(data))
+
+
+# local-scan settings a Ray scan has its own way of saying (never silently ignored)
+LOCAL_ONLY = {"device": ("cpu", "a Ray scan puts actors on GPUs when the cluster has them "
+                                "(gpus_per_actor)"),
+              "weights": ("auto", "a Ray scan splits a model too large for one worker into "
+                                  "block ranges (placement: stages)")}
+
+
+def check_local_only(shared: dict):
+    for key, (default, instead) in LOCAL_ONLY.items():
+        if key in shared and shared[key] != default:
+            raise ValueError(f"{key}: {shared[key]} is a setting of the local scan: {instead}; "
+                             f"remove it from the Ray config (or the --{key} flag)")
 
 
 def _model_entries(data: dict, shared: dict) -> list:

@@ -121,3 +121,47 @@ def test_auto_picks_disk_when_the_whole_model_does_not_fit():
         plan(sizes, "float32", s, 16, weights="memory", available=small, baseline=0)
     with pytest.raises(MemoryPlanError, match="local safetensors"):
         plan(sizes, "float32", s, 16, weights="disk", disk_ok=False)
+
+
+def test_a_gpu_scan_is_planned_against_the_gpus_free_memory():
+    """On a GPU the weights, the block and the work are the device's; the host keeps only
+    the file pages being copied.  ``auto`` compares the device's free memory (given here:
+    no GPU is needed to plan one)."""
+    sizes = param_counts(load_config(str(TINY_MODEL_DIR)), TINY_MODEL_DIR)
+    s = ScanSettings(k=4)
+    cpu = plan(sizes, "float32", s, 16, available=10**12, baseline=0)
+    whole = plan(sizes, "float32", s, 16, available=10**12, baseline=0, device="cuda",
+                 device_available=10**12)
+    assert whole.mode == "memory" and whole.device_peak_bytes == cpu.predicted_bytes
+    assert whole.parts["weights"] == 0 and whole.predicted_bytes < cpu.predicted_bytes
+    small = int(whole.device_peak_bytes * 0.9)
+    disk = plan(sizes, "float32", s, 16, available=10**12, baseline=0, device="cuda:1",
+                device_available=small)
+    assert disk.mode == "disk" and "available on cuda:1" in disk.reason
+    assert disk.device_peak_bytes < whole.device_peak_bytes
+    assert any("device     cuda:1: predicted peak" in line for line in disk.lines())
+    assert disk.to_dict()["predicted_device_peak_bytes"] == disk.device_peak_bytes
+    with pytest.raises(MemoryPlanError, match="cuda:1's memory in disk mode .* one block"):
+        plan(sizes, "float32", s, 16, available=10**12, baseline=0, device="cuda:1",
+             device_available=disk.device_peak_bytes // 4)
+
+
+def test_a_device_this_torch_cannot_use_is_one_line_before_anything_is_written(tmp_path):
+    from coupling.scan import ScanConfig, scan
+
+    with pytest.raises(ValueError, match="--device 'tpu': use cpu, cuda or cuda:N"):
+        ScanConfig(device="tpu")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the no-CUDA error cannot happen here")
+    with pytest.raises(ValueError, match="sees no CUDA GPU: .* or scan with --device cpu"):
+        scan(device="cuda", max_prompts=1, out=str(tmp_path / "out"), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_ray_config_refuses_the_local_only_settings():
+    from ray_jobs.config import parse_config
+
+    with pytest.raises(ValueError, match="device: cuda is a setting of the local scan"):
+        parse_config({"model": str(TINY_MODEL_DIR), "device": "cuda"})
+    with pytest.raises(ValueError, match="weights: disk is a setting of the local scan.*stages"):
+        parse_config({"model": str(TINY_MODEL_DIR), "weights": "disk"})

@@ -68,6 +68,8 @@ def _flag_and_yaml(s: S.Setting, f: S.Flag):
         return [f.spelling, "2,3"], [2, 3]
     if s.name == "measures":
         return [f.spelling, "depth,tokens"], ["depth", "tokens"]
+    if s.name == "device":           # checked when the config is made, used only when scanning
+        return [f.spelling, "cuda:1"], "cuda:1"
     if s.choices:
         value = next(c for c in s.choices if c != s.default)
     elif s.type.startswith("int"):

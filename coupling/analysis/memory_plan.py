@@ -21,7 +21,13 @@ host peak is the interpreter's resident set when planning (Python, torch, transf
     a time).
 
 Only ``weights`` grows with depth in ``memory`` mode, and only ``states`` and ``factors`` (a
-few MB per block) in ``disk`` mode.  ``auto`` picks ``memory`` when its peak fits in the
+few MB per block) in ``disk`` mode.
+
+On a GPU (``--device cuda``) the same parts are the *device* peak: the weights, the block
+being worked on and everything computed live there.  The host then holds the interpreter
+and the file pages being copied to the device: while loading (``memory``: Accelerate puts
+each tensor straight on the device) or, in ``disk`` mode, the block being read for its turn.
+``auto`` compares the device's free memory instead of the host's.  ``auto`` picks ``memory`` when its peak fits in the
 memory available now with :data:`HEADROOM` to spare, else ``disk``; when even ``disk`` does
 not fit, :class:`MemoryPlanError` says so in one line, before anything is loaded or written.
 """
@@ -127,6 +133,9 @@ class MemoryPlan:
     baseline_bytes: int
     available_bytes: int | None
     disk_read_bytes: int = 0       # read from disk per prompt (disk mode: each block 3 times)
+    device: str = "cpu"
+    device_parts: dict | None = None            # a GPU scan: the device's parts (bytes)
+    device_available_bytes: int | None = None   # ... and its free memory now
 
     @property
     def predicted_bytes(self) -> int:
@@ -137,12 +146,22 @@ class MemoryPlan:
     def peak_bytes(self) -> int:
         return self.baseline_bytes + self.predicted_bytes
 
+    @property
+    def device_peak_bytes(self) -> int | None:
+        """The predicted device peak of a GPU scan (None on the CPU)."""
+        return None if self.device_parts is None else peak_of(self.device_parts)
+
     def to_dict(self) -> dict:
-        return {"mode": self.mode, "reason": self.reason, "parts_bytes": dict(self.parts),
-                "baseline_bytes": self.baseline_bytes,
-                "predicted_peak_bytes": self.peak_bytes,
-                "available_bytes": self.available_bytes,
-                "disk_read_bytes_per_prompt": self.disk_read_bytes}
+        out = {"mode": self.mode, "reason": self.reason, "parts_bytes": dict(self.parts),
+               "baseline_bytes": self.baseline_bytes,
+               "predicted_peak_bytes": self.peak_bytes,
+               "available_bytes": self.available_bytes,
+               "disk_read_bytes_per_prompt": self.disk_read_bytes, "device": self.device}
+        if self.device_parts is not None:
+            out.update(device_parts_bytes=dict(self.device_parts),
+                       predicted_device_peak_bytes=self.device_peak_bytes,
+                       device_available_bytes=self.device_available_bytes)
+        return out
 
     def lines(self) -> list:
         """What ``coupling scan --dry-run`` prints."""
@@ -153,6 +172,12 @@ class MemoryPlan:
                "at the same time: the larger counts)"]
         if self.available_bytes is not None:
             out.append(f"available  {gb(self.available_bytes)} on this machine now")
+        if self.device_parts is not None:
+            parts = ", ".join(f"{k} {gb(v)}" for k, v in self.device_parts.items() if v)
+            free = ("" if self.device_available_bytes is None else
+                    f"; {gb(self.device_available_bytes)} free on it now")
+            out.append(f"device     {self.device}: predicted peak {gb(self.device_peak_bytes)} "
+                       f"= {parts}{free}")
         if self.disk_read_bytes:
             out.append(f"disk       {gb(self.disk_read_bytes)} read per prompt (each block: "
                        "forward, pass 1, pass 2)")
@@ -208,39 +233,88 @@ def peak_of(parts: dict) -> int:
     return int(rest + max(parts["load"], parts["block"] + parts["work"]))
 
 
+def on_device(parts: dict, mode: str, sizes: ParamCounts) -> tuple:
+    """``(host parts, device parts)`` of a GPU scan from the parts of :func:`predict`:
+    everything but the file pages moves to the device; the host keeps the pages being
+    copied (``memory``: the largest block's while loading; ``disk``: the block read for
+    its turn)."""
+    fb = sizes.file_bytes or 4
+    pages = int(max(sizes.blocks, default=0) * fb)
+    host = dict.fromkeys(parts, 0)
+    host["load" if mode == "memory" else "block"] = pages
+    return host, {**parts, "load": 0}
+
+
 def plan(sizes: ParamCounts, dtype: str, settings, n_tokens: int, weights: str = "auto",
          disk_ok: bool = True, available: int | None = None,
-         baseline: int | None = None) -> MemoryPlan:
+         baseline: int | None = None, device: str = "cpu",
+         device_available: int | None = None) -> MemoryPlan:
     """The mode (``weights``: auto | memory | disk) and its :class:`MemoryPlan`.
     ``disk_ok``: the weights are local safetensors files (else only ``memory``);
-    ``available``/``baseline``: default this machine's free memory / this process's RSS."""
+    ``available``/``baseline``: default this machine's free memory / this process's RSS;
+    ``device``: ``cuda[:N]`` plans a GPU scan, whose ``auto`` compares the predicted device
+    peak with ``device_available`` (that GPU's free memory)."""
     if weights not in WEIGHT_MODES:
         raise ValueError(f"--weights must be one of {', '.join(WEIGHT_MODES)}, got {weights!r}")
-    available = memory.available()["host_bytes"] if available is None else available
+    host_free = memory.available()["host_bytes"] if available is None else available
     baseline = memory.rss() if baseline is None else baseline
     parts = {m: predict(sizes, m, dtype, settings, n_tokens) for m in ("memory", "disk")}
-    need = {m: peak_of(p) for m, p in parts.items()}
+    gpu = device != "cpu"
+    if gpu:          # the device holds what the host holds on a CPU scan, less the file pages
+        dev_parts = {m: on_device(p, m, sizes)[1] for m, p in parts.items()}
+        parts = {m: on_device(p, m, sizes)[0] for m, p in parts.items()}
+    host_need = {m: peak_of(p) for m, p in parts.items()}
+    need = {m: peak_of(p) for m, p in dev_parts.items()} if gpu else host_need
+    free = device_available if gpu else host_free
     if weights == "disk" and not disk_ok:
         raise MemoryPlanError("--weights disk reads the blocks from local safetensors files: "
                               "pass a save_pretrained folder (safe_serialization=True)")
-    if weights == "auto":
-        fits = available is None or need["memory"] <= HEADROOM * available
-        mode = "memory" if fits or not disk_ok else "disk"
-        why = (f"the whole model in memory ({gb(need['memory'])}) fits in "
-               f"{gb(available)} available" if fits else
-               f"the whole model ({gb(need['memory'])}) does not fit in {gb(available)} "
-               f"available (with {1 - HEADROOM:.0%} to spare): each block is read from disk "
-               f"for its turn" if disk_ok else
-               f"the whole model ({gb(need['memory'])}) exceeds {gb(available)} available, "
-               "and the weights are not local safetensors files that could be read per block")
-    else:
-        mode, why = weights, f"asked for (--weights {weights})"
+    mode, why = choose_mode(weights, need, free, disk_ok, f" on {device}" if gpu else "")
     read = 3 * sum(sizes.blocks) * BYTES[str(dtype)] if mode == "disk" else 0
     if mode == "disk" and sizes.disk_bytes and sizes.n_params:
         read = int(3 * sizes.disk_bytes * sum(sizes.blocks) / sizes.n_params)
-    result = MemoryPlan(mode, why, parts[mode], baseline, available, read)
-    check_fits(result, need, disk_ok)
+    result = MemoryPlan(mode, why, parts[mode], baseline, host_free, read, device,
+                        dev_parts[mode] if gpu else None, device_available if gpu else None)
+    if gpu:
+        check_fits_device(result, need, disk_ok, f"{device}'s")
+    check_fits(result, host_need, disk_ok)
     return result
+
+
+def choose_mode(weights: str, need: dict, free: int | None, disk_ok: bool, where: str) -> tuple:
+    """``(mode, why)``: ``auto`` keeps the whole model when its peak fits in ``free`` with
+    :data:`HEADROOM` to spare, else reads each block from disk for its turn."""
+    if weights != "auto":
+        return weights, f"asked for (--weights {weights})"
+    if free is None:
+        return "memory", f"the free memory{where} is unknown: the whole model is loaded"
+    room = f"{gb(free)} available{where}"
+    if need["memory"] <= HEADROOM * free:
+        return "memory", f"the whole model in memory ({gb(need['memory'])}) fits in {room}"
+    if disk_ok:
+        return "disk", (f"the whole model ({gb(need['memory'])}) does not fit in {room} "
+                        f"(with {1 - HEADROOM:.0%} to spare): each block is read from disk "
+                        "for its turn")
+    return "memory", (f"the whole model ({gb(need['memory'])}) exceeds {room}, and the weights "
+                      "are not local safetensors files that could be read per block")
+
+
+def check_fits_device(p: MemoryPlan, need: dict, disk_ok: bool, where: str):
+    """One line when the GPU scan's chosen mode cannot fit in the device's free memory."""
+    free = p.device_available_bytes
+    if free is None or p.device_peak_bytes <= free:
+        return
+    if p.mode == "memory" and disk_ok and need["disk"] <= free:
+        hint = f"scan with --weights disk (predicted {gb(need['disk'])} on the device)"
+    elif p.mode == "memory":
+        hint = ("save the model as safetensors (save_pretrained) so that --weights disk can "
+                f"move one block at a time to the device (predicted {gb(need['disk'])})")
+    else:
+        hint = (f"use a GPU with more memory or --device cpu: this is already one block at a "
+                f"time (the block in float32 with its work: "
+                f"{gb(p.device_parts['block'] + p.device_parts['work'])})")
+    raise MemoryPlanError(f"the scan needs about {gb(p.device_peak_bytes)} of {where} memory "
+                          f"in {p.mode} mode but only {gb(free)} is free: {hint}")
 
 
 def check_fits(p: MemoryPlan, need: dict, disk_ok: bool):

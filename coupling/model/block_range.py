@@ -218,13 +218,13 @@ class StreamedModel:
     head in memory) and the one-range lazy :class:`BlockRange` (``blocks``) that runs it."""
 
     def __init__(self, folder, dtype="float32", trust_remote_code: bool = False,
-                 block_path: str | None = None):
+                 block_path: str | None = None, device: str = "cpu"):
         source = str(folder)      # a save_pretrained folder, or a GGUF file (parsed once)
         with model_files(source, None, trust_remote_code) as (where, common, gguf):
             self.config = load_config(source, None, trust_remote_code)
             self.blocks = BlockRange(folder, self.config, 0, _num_layers(self.config), dtype,
-                                     block_path=block_path, trust_remote_code=trust_remote_code,
-                                     lazy=True)
+                                     device=device, block_path=block_path,
+                                     trust_remote_code=trust_remote_code, lazy=True)
             self.tokenizer = gguf.tokenizer() if gguf is not None else _load_tokenizer(where,
                                                                                        common)
         self.model = self.blocks.model

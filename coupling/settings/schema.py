@@ -95,6 +95,10 @@ SCHEMA: tuple[Setting, ...] = (
        "read from the safetensors files for its turn: models larger than memory), auto "
        "(memory when it fits, else disk; --dry-run says which and why)", "--weights",
        choices=("auto", "memory", "disk")),
+    _s("device", "scan", "str", "cpu",
+       "where a local scan computes: cpu, or one GPU (cuda, cuda:N); with --weights disk each "
+       "block is moved to the GPU for its turn, so a model larger than the GPU fits "
+       "(--dry-run predicts the GPU's peak)", "--device"),
     _s("block_path", "scan", "str | None", None,
        "dotted path of the block list if it is not found", "--block-path", per_model=True),
     _s("prompts", "scan", "str", "builtin", "builtin | FILE.jsonl | hf:NAME[:split]",
