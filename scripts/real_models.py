@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -49,7 +50,8 @@ from coupling.prompts.sources import load_prompts  # noqa: E402
 from coupling.scan import tokenize_all  # noqa: E402
 
 SUMMARY_MEASURES = ("depth_mis_coupling_mean", "depth_mis_coupling_raw_mean", "lss",
-                    "lss_last", "expodistance", "expodistance_last", "expodistance_last_interior",
+                    "lss_last", "expodistance", "expodistance_last", "expodistance_last_no_final",
+                    "expodistance_last_interior",
                     "equidistance_cv")
 
 
@@ -123,9 +125,14 @@ def prune(args, lm, windows, normalized) -> None:
     orders = pruning_orders(nb, ang, n_random=args.random_reps, seed=args.random_seed)
     orders = {k: v for k, v in orders.items() if k in args.orders}
     loss, acc, info = evaluators(lm, args)
-    (out / "eval.json").write_text(json.dumps({**info, "orders": orders}, indent=1) + "\n")
+    info["orders"] = orders
+    (out / "eval.json").write_text(json.dumps(info, indent=1) + "\n")
     for name, fn, n_max in (("ppl", loss, args.max_removed), ("mc", acc, args.mc_max_removed)):
-        curves = pruning_curves(lm.model, orders, fn, n_max)
+        timed = _timed(fn)
+        curves = pruning_curves(lm.model, orders, timed, n_max)
+        # CPU seconds per evaluation (one set of removed blocks), every thread's
+        info[f"{name}_evals"], info[f"{name}_cpu_s_per_eval"] = timed.n, timed.cpu / max(timed.n, 1)
+        (out / "eval.json").write_text(json.dumps(info, indent=1) + "\n")
         curves.insert(0, "model", Path(args.model).name)
         # runs with different --random-seed hold different permutations: number them apart
         curves.loc[curves["order"] == "random", "rep"] += args.random_seed * args.random_reps
@@ -137,13 +144,26 @@ def prune(args, lm, windows, normalized) -> None:
         print(f"pruning_{name}.csv: {len(curves)} rows", flush=True)
 
 
+def _timed(fn):
+    """``fn`` counting its calls (``.n``) and their CPU seconds (``.cpu``)."""
+    def wrapped(*a, **kw):
+        c = time.process_time()
+        try:
+            return fn(*a, **kw)
+        finally:
+            wrapped.n += 1
+            wrapped.cpu += time.process_time() - c
+    wrapped.n, wrapped.cpu = 0, 0.0
+    return wrapped
+
+
 def pruning_tables(dirs, out: Path) -> list[str]:
     """Summary tables and the figure from one or more ``prune`` outputs (orders may be split
     over several runs: the rows are concatenated, the base row kept once)."""
     ppl = pd.concat([pd.read_csv(Path(d) / "pruning_ppl.csv") for d in dirs])
     mc = pd.concat([pd.read_csv(Path(d) / "pruning_mc.csv") for d in dirs])
     lines = []
-    for df, col, ns in ((ppl, "loss_increase", (1, 2, 3, 4, 5)), (mc, "mc_change", (1, 2, 3))):
+    for df, col, ns in ((ppl, "loss_increase", (1, 2, 3, 4)), (mc, "mc_change", (1, 2, 3, 4))):
         summary = pruning_summary(df.rename(columns={col: "loss_increase"}), n_removed=ns)
         if col == "mc_change":   # a larger accuracy is better: rank by the largest change
             summary["rank"] = summary["mean_increase"].rank(ascending=False, method="min")
@@ -174,13 +194,14 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, n_boot: int, seed: int) -> di
     return row
 
 
-def interior_expodistance(scan) -> pd.Series:
+def interior_expodistance(scan, layers: slice = slice(1, -1)) -> pd.Series:
     """The last token's ED over blocks 2..L-1 only, per prompt: without the embedding's jump
     into block 1 and the final norm's drop at L, which dominate ED in a trained Llama (the
-    norms are the scan's ``norm`` column; ED of a 1-D trajectory is ED of its norms)."""
+    norms are the scan's ``norm`` column; ED of a 1-D trajectory is ED of its norms).
+    ``layers=slice(0, -1)`` leaves out the final norm's step alone."""
     M = layer_matrix(scan.layers, "norm")                  # (P, L+1), layer 0 = embedding
     ids = list(dict.fromkeys(scan.layers["prompt_id"]))
-    return pd.Series([expodistance(row[1:-1, None]) for row in M], index=ids)
+    return pd.Series([expodistance(row[layers, None]) for row in M], index=ids)
 
 
 def trained_vs_random(trained, random, n_boot: int, seed: int) -> pd.DataFrame:
@@ -188,6 +209,7 @@ def trained_vs_random(trained, random, n_boot: int, seed: int) -> pd.DataFrame:
     tables = []
     for scan in (trained, random):
         t = scan.summary.set_index("prompt_id")
+        t["expodistance_last_no_final"] = interior_expodistance(scan, slice(0, -1))
         t["expodistance_last_interior"] = interior_expodistance(scan)
         tables.append(t.reset_index())
     both = tables[0].merge(tables[1], on="prompt_id", suffixes=("_t", "_r"))
