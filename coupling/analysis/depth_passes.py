@@ -51,6 +51,13 @@ def holder(blocks, settings: ScanSettings):
     return lambda l: blocks.hold(l, dtype)
 
 
+def release(blocks: dict):
+    """Free each :class:`~coupling.jacobian.fastpath.FastBlock`'s compute copy at once."""
+    for fb in blocks.values():
+        fb.release()
+    blocks.clear()
+
+
 def decompose_layers(record: ForwardRecord, layers, settings: ScanSettings, model=None,
                      hold=None, keep_dense: bool | None = None) -> tuple:
     """Pass 1 over ``layers``: ``(kept, factors)``.
@@ -73,7 +80,8 @@ def decompose_layers(record: ForwardRecord, layers, settings: ScanSettings, mode
                 factors[t][l] = svds[l]
                 if keep and isinstance(jac[l], torch.Tensor):
                     dense[t][l] = jac[l]
-            del blocks, jac              # the block's compute copy goes before the next block
+            release(blocks)              # the block's compute copy goes before the next block
+            del jac
     complete = keep and all(set(dense[t]) == set(layers) for t in tokens)
     return ({"J": dense if complete else None, "functions": functions,
              "deflation": dict(record.cache["deflation"])}, factors)
@@ -100,7 +108,8 @@ def couple_layers(record: ForwardRecord, layers, kept: dict | None, all_factors:
                 grid, flag = couple_token({l: J}, svds[t], record.n_layers, settings.k)
                 grids[t].append(grid)
                 flags[t].update(flag)
-            del blocks
+            release(blocks)
+            del J
     rows = [{v: np.concatenate([g[v] for g in grids[t]], axis=0) for v in ("normalized", "raw")}
             for t in tokens]
     spectra = {l: svds[tokens[-1]][l] for l in layers}
