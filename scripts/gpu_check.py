@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """GPU check: the scan on a real accelerator, at LLM width, against the authors' method.
 
-One command, one output folder, a fixed time budget (under 8 minutes on one GPU; the smoke
+One command, one output folder, a fixed time budget (about 8 minutes on one GPU; the smoke
 mode runs the same steps on tiny shapes in under 2 minutes on a CPU).  Steps, each in its
 own subprocess with a hard time limit, so one failure or overrun does not stop the rest
 (this file is the driver; each step is the module named in brackets, the shared parts are
@@ -31,6 +31,11 @@ own subprocess with a hard time limit, so one failure or overrun does not stop t
    the dense matrix (CPU, and with products on the device) for d = 1024..8192 and K = 10, 50
    -- the measurement ``coupling.spectrum.svd.full_svd_pays`` lacks for accelerators.
 
+6. ``stream`` (``gpu_check_stream.py``): the depth-streaming scan on the device, every block
+   read from the files onto it for its turn (``--device cuda --weights disk``) against the
+   model loaded whole there: time, peak device memory against the planner's prediction, and
+   the grids' difference.
+
 Outputs in OUTDIR (``gpu_check_report.py`` writes the summary): ``summary.md`` (every step's
 status, time and tables, the goals), ``summary.json``, ``<step>.md/.json/.csv`` and
 ``logs/<step>.log``.
@@ -55,6 +60,7 @@ from gpu_check_device_tests import step_tests
 from gpu_check_machine import step_machine
 from gpu_check_report import write_summary
 from gpu_check_scan import step_scan
+from gpu_check_stream import step_stream
 from gpu_check_svd import step_svd
 
 
@@ -87,7 +93,7 @@ def parse_args(argv=None):
 
 
 STEP_FUNCS = {"machine": step_machine, "tests": step_tests, "scan": step_scan,
-              "authors": step_authors, "svd": step_svd}
+              "authors": step_authors, "svd": step_svd, "stream": step_stream}
 
 
 def run_step(args) -> int:

@@ -3,7 +3,7 @@
 #
 #   scripts/gpu_check.sh OUTDIR [--device cuda|cpu] [--smoke] [--steps machine,tests,scan,authors,svd]
 #
-# Runs under 8 minutes on one GPU (--smoke: tiny shapes, under 2 minutes on a CPU) and writes
+# Runs in about 8 minutes on one GPU (--smoke: tiny shapes, under 2 minutes on a CPU) and writes
 # every log and table into OUTDIR (summary.md first).  The project is made importable through
 # PYTHONPATH, never installed: no pip dependency resolution, no network, and Ray is never
 # imported (the GPU machine has none).  Set PYTHON to pick the interpreter.

@@ -57,7 +57,7 @@ def write_summary(out: Path, args, results: list[dict], wall: float):
                      f"| {r.get('log', '')} | {cell(r.get('error', ''))} |")
     lines += ["", "## Goals (issue 14)", ""] + goals(out) + [""]
     for name in ("machine_stack", "tests", "scan", "authors_extrapolated", "authors_compare",
-                 "authors_layers", "svd", "svd_real_j"):
+                 "authors_layers", "svd", "svd_real_j", "stream"):
         md = out / f"{'stack' if name == 'machine_stack' else name}.md"
         if md.exists():
             lines += [md.read_text().rstrip(), ""]

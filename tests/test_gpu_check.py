@@ -34,9 +34,13 @@ def _rows(out, name):
 
 
 def test_smoke_scan_and_authors_method(tmp_path):
-    proc, summary = _run(tmp_path, "--steps", "scan,authors")
+    proc, summary = _run(tmp_path, "--steps", "scan,authors,stream")
     assert proc.returncode == 0, proc.stdout[-3000:]
-    assert [s["status"] for s in summary["steps"]] == ["ok"] * 2
+    assert [s["status"] for s in summary["steps"]] == ["ok"] * 3
+    stream = {r["weights"]: r for r in _rows(tmp_path, "stream")}
+    assert set(stream) == {"disk", "memory"}            # blocks from disk = loaded whole
+    assert stream["disk"]["max_grid_diff_disk_vs_memory"] == 0.0
+    assert stream["disk"]["mean_mis_coupling"] == stream["memory"]["mean_mis_coupling"]
     assert "SMOKE" in (tmp_path / "summary.md").read_text()
 
     scan = _rows(tmp_path, "scan")
