@@ -35,9 +35,11 @@ from coupling.experiments.prompt_analysis import analyze_prompts, prompt_analysi
 from coupling.experiments.study.lm_eval import (build_multiple_choice, heldout_metrics,  # noqa: E402
                                                 multiple_choice_accuracy)
 from coupling.experiments.study.pruning import (angular_distance, neighbour_coupling,  # noqa: E402
-                                                pruning_curves, pruning_orders)
-from coupling.experiments.study.study_figures import fig_pruning  # noqa: E402
-from coupling.experiments.study.study_stats import markdown_table, pruning_summary  # noqa: E402
+                                                pruning_curves, pruning_orders,
+                                                single_block_losses)
+from coupling.experiments.study.study_figures import fig_pruning, fig_single_block  # noqa: E402
+from coupling.experiments.study.study_stats import (markdown_table, pruning_summary,  # noqa: E402
+                                                    single_block_summary)
 from coupling.figures.common import save_figure  # noqa: E402
 from coupling.figures.depth import depth_coupling_figure  # noqa: E402
 from coupling.figures.layers import LAYER_PANELS, layer_curves_figure, layer_matrix  # noqa: E402
@@ -122,9 +124,12 @@ def prune(args, lm, windows, normalized) -> None:
     nb = neighbour_coupling(normalized) if normalized is not None else np.full(len(ang), np.nan)
     pd.DataFrame({"block": range(len(nb)), "neighbour_coupling": nb,
                   "angular_distance": ang}).to_csv(out / "signals.csv", index=False)
+    loss, acc, info = evaluators(lm, args)
+    if args.single:
+        single_block(args, lm, loss, nb, ang, info)
+        return
     orders = pruning_orders(nb, ang, n_random=args.random_reps, seed=args.random_seed)
     orders = {k: v for k, v in orders.items() if k in args.orders}
-    loss, acc, info = evaluators(lm, args)
     info["orders"] = orders
     (out / "eval.json").write_text(json.dumps(info, indent=1) + "\n")
     for name, fn, n_max in (("ppl", loss, args.max_removed), ("mc", acc, args.mc_max_removed)):
@@ -144,6 +149,21 @@ def prune(args, lm, windows, normalized) -> None:
         print(f"pruning_{name}.csv: {len(curves)} rows", flush=True)
 
 
+def single_block(args, lm, loss, nb, ang, info) -> None:
+    """Held-out loss increase with each block removed alone (the study's single-block test),
+    with the block's two signals: ``pruning_single.csv``."""
+    timed = _timed(loss)
+    losses = single_block_losses(lm.model, timed)
+    base = timed(lm.model)
+    pd.DataFrame({"model": Path(args.model).name, "block": range(len(nb)),
+                  "loss_increase": losses - base, "neighbour_coupling": nb,
+                  "angular_distance": ang}).to_csv(Path(args.out) / "pruning_single.csv",
+                                                   index=False)
+    info["ppl_evals"], info["ppl_cpu_s_per_eval"] = timed.n, timed.cpu / max(timed.n, 1)
+    (Path(args.out) / "eval.json").write_text(json.dumps(info, indent=1) + "\n")
+    print(f"pruning_single.csv: {len(nb)} blocks", flush=True)
+
+
 def _timed(fn):
     """``fn`` counting its calls (``.n``) and their CPU seconds (``.cpu``)."""
     def wrapped(*a, **kw):
@@ -160,9 +180,20 @@ def _timed(fn):
 def pruning_tables(dirs, out: Path) -> list[str]:
     """Summary tables and the figure from one or more ``prune`` outputs (orders may be split
     over several runs: the rows are concatenated, the base row kept once)."""
+    lines = []
+    singles = [Path(d) / "pruning_single.csv" for d in dirs
+               if (Path(d) / "pruning_single.csv").exists()]
+    if singles:
+        single = pd.concat([pd.read_csv(f) for f in singles])
+        summary = single_block_summary(single)
+        summary.to_csv(out / "single_block_summary.csv", index=False)
+        save_figure(fig_single_block(single), out / "pruning_single.png")
+        lines += ["single_block_summary.csv:", markdown_table(summary, ".3g"), ""]
+    dirs = [d for d in dirs if (Path(d) / "pruning_ppl.csv").exists()]
+    if not dirs:
+        return lines
     ppl = pd.concat([pd.read_csv(Path(d) / "pruning_ppl.csv") for d in dirs])
     mc = pd.concat([pd.read_csv(Path(d) / "pruning_mc.csv") for d in dirs])
-    lines = []
     for df, col, ns in ((ppl, "loss_increase", (1, 2, 3, 4)), (mc, "mc_change", (1, 2, 3, 4))):
         summary = pruning_summary(df.rename(columns={col: "loss_increase"}), n_removed=ns)
         if col == "mc_change":   # a larger accuracy is better: rank by the largest change
@@ -360,6 +391,9 @@ def main(argv=None) -> int:
     pp.add_argument("--mc-context", type=int, default=32)
     pp.add_argument("--mc-cont", type=int, default=8)
     pp.add_argument("--threads", type=int, default=1)
+    pp.add_argument("--single", action="store_true",
+                    help="instead of the orders: each block removed alone (held-out loss), "
+                         "pruning_single.csv")
     pc = sub.add_parser("compare", help="trained-vs-random tables and figures")
     pc.add_argument("--trained", help="scan of the trained model")
     pc.add_argument("--random", help="the same scan at random init")
