@@ -223,6 +223,7 @@ def plan_memory(cfg: ScanConfig) -> MemoryPlan:
     config = load_config(source, cfg.revision, cfg.trust_remote_code)
     folder = source if Path(source).is_dir() else None
     sizes = param_counts(config, folder)
+    sizes.dequantized = find_gguf(source) is not None
     check_k(cfg.settings.k, sizes.d)
     n = _longest_prompt(cfg, source, config)
     disk_ok = folder is not None and sizes.disk_bytes is not None and not cfg.random_init

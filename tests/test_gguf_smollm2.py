@@ -200,3 +200,31 @@ def test_ray_stages_scan_equals_the_local_scan(ray_address, local_scan, tmp_path
     assert_same_as_local(tmp_path / "ray" / key, local_scan)
     manifest = json.loads((tmp_path / "ray" / key / "manifest.json").read_text())
     assert manifest["model"]["gguf"] == local_scan.manifest["model"]["gguf"]
+
+
+MEASURE = """
+import json, sys
+from coupling.scan import scan
+r = scan(sys.argv[1], max_prompts=1, max_tokens=8, k=4, measures="depth", figures=False,
+         out=sys.argv[2], progress=False)
+print("MEMORY " + json.dumps(r.manifest["memory"]))
+"""
+
+
+def test_predicted_peak_of_a_gguf_scan_is_within_a_quarter_of_the_measured_one(tmp_path):
+    """Loading a GGUF file dequantizes one tensor at a time beside the weights (a float32 array
+    and its torch copy): the plan counts it (left out, the prediction was 25-50% low)."""
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", MEASURE, str(smollm2_gguf()),
+                           str(tmp_path / "out")], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    mem = json.loads(next(x for x in proc.stdout.splitlines()
+                          if x.startswith("MEMORY "))[len("MEMORY "):])
+    measured = mem["host_peak_bytes"] - mem["baseline_bytes"]
+    predicted = mem["predicted_peak_bytes"] - mem["baseline_bytes"]
+    assert mem["mode"] == "memory" and mem["parts_bytes"]["load"] > 0
+    assert abs(predicted - measured) <= 0.25 * measured, (predicted, measured, mem)

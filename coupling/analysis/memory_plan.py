@@ -15,6 +15,10 @@ host peak is the interpreter's resident set when planning (Python, torch, transf
     the larger of a batch of one-token products through a block (activations of the
     forward and the backward) and, on the dense route (``may_be_dense``), a dense ``J``,
     its SVD and the dense Jacobians kept between the passes (at most one block's worth).
+``load``
+    what loading holds beside the weights: the file pages of tensors converted to the scan
+    dtype, or, for a GGUF file, the tensor being dequantized (float32, as a numpy array and
+    its torch copy: twice the largest tensor).
 ``states``, ``factors``, ``lens``
     ``X^0..X^L`` and the recorded calls; ``U, V`` (``d x K``) and ``S`` of every layer and
     traced token; one layer's logits for the logit-lens entropy (the head reads one layer at
@@ -66,6 +70,8 @@ class ParamCounts:
     heads: int
     disk_bytes: int | None = None          # the safetensors files' tensor bytes
     disk_params: int | None = None         # ... and their element count
+    dequantized: bool = False              # a GGUF file, dequantized while it is loaded
+    largest: int = 0                       # elements of the largest tensor
 
     @property
     def n_params(self) -> int:
@@ -98,7 +104,8 @@ def param_counts(config, folder=None) -> ParamCounts:
     heads = next((getattr(config, n) for n in ("num_attention_heads", "n_head")
                   if isinstance(getattr(config, n, None), int)), 1)
     sizes = ParamCounts(per_block, total - sum(per_block), embedding, _hidden_size(config),
-                       vocab, ffn, heads)
+                       vocab, ffn, heads,
+                       largest=max((p.numel() for p in model.parameters()), default=0))
     if folder is not None and Path(str(folder)).is_dir():
         sizes.disk_bytes, sizes.disk_params = safetensors_bytes(folder)
     return sizes
@@ -202,6 +209,8 @@ def predict(sizes: ParamCounts, mode: str, dtype: str, settings, n_tokens: int) 
     if mode == "memory":
         weights = (sizes.n_params - sizes.embedding) * b if same else sizes.n_params * b
         load = 0 if same else (sizes.disk_bytes or 0)
+        if sizes.dequantized:    # transformers dequantizes one tensor at a time: a float32
+            load = 2 * sizes.largest * 4    # numpy array and its torch copy, beside the weights
         block_bytes = 0 if b == 4 else 4 * block
     else:
         weights = (sizes.other - sizes.embedding) * b if same else sizes.other * b
