@@ -197,24 +197,6 @@ def check_device_name(device: str):
     raise ValueError(f"--device {device!r}: use cpu, cuda or cuda:N")
 
 
-def device_free_bytes(device: str) -> int | None:
-    """Free memory of the scan's GPU (None for the CPU); a one-line error when this torch
-    cannot reach it."""
-    if device == "cpu":
-        return None
-    import torch
-
-    if not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA "
-                         "GPU: install a CUDA build of torch on a GPU machine, or scan with "
-                         "--device cpu")
-    dev = torch.device(device)
-    if dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) here "
-                         f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
-    return int(torch.cuda.mem_get_info(dev)[0])
-
-
 def plan_memory(cfg: ScanConfig) -> MemoryPlan:
     """Where the weights will be and the predicted host peak, from the config, the
     safetensors headers and the prompts' token counts (no weights are read); a one-line
@@ -222,13 +204,12 @@ def plan_memory(cfg: ScanConfig) -> MemoryPlan:
     source = str(cfg.model) if cfg.model is not None else str(TINY_MODEL_DIR)
     config = load_config(source, cfg.revision, cfg.trust_remote_code)
     folder = source if Path(source).is_dir() else None
-    sizes = param_counts(config, folder)
-    sizes.dequantized = find_gguf(source) is not None
+    sizes = param_counts(config, folder, dequantized=find_gguf(source) is not None)
     check_k(cfg.settings.k, sizes.d)
     n = _longest_prompt(cfg, source, config)
     disk_ok = folder is not None and sizes.disk_bytes is not None and not cfg.random_init
     return plan(sizes, cfg.dtype, cfg.settings, n, cfg.weights, disk_ok, device=cfg.device,
-                device_available=device_free_bytes(cfg.device))
+                device_available=memory.device_free(cfg.device))
 
 
 def check_k(k: int, d: int | None):

@@ -25,15 +25,15 @@ host peak is the interpreter's resident set when planning (Python, torch, transf
     a time).
 
 Only ``weights`` grows with depth in ``memory`` mode, and only ``states`` and ``factors`` (a
-few MB per block) in ``disk`` mode.
+few MB per block) in ``disk`` mode.  ``auto`` picks ``memory`` when its peak fits in the
+memory available now with :data:`HEADROOM` to spare, else ``disk``; when even ``disk`` does
+not fit, :class:`MemoryPlanError` says so in one line, before anything is loaded or written.
 
 On a GPU (``--device cuda``) the same parts are the *device* peak: the weights, the block
 being worked on and everything computed live there.  The host then holds the interpreter
 and the file pages being copied to the device: while loading (``memory``: Accelerate puts
 each tensor straight on the device) or, in ``disk`` mode, the block being read for its turn.
-``auto`` compares the device's free memory instead of the host's.  ``auto`` picks ``memory`` when its peak fits in the
-memory available now with :data:`HEADROOM` to spare, else ``disk``; when even ``disk`` does
-not fit, :class:`MemoryPlanError` says so in one line, before anything is loaded or written.
+``auto`` then compares the device's free memory instead of the host's.
 """
 from __future__ import annotations
 
@@ -83,9 +83,10 @@ class ParamCounts:
         return self.disk_bytes / self.disk_params if self.disk_params else None
 
 
-def param_counts(config, folder=None) -> ParamCounts:
+def param_counts(config, folder=None, dequantized: bool = False) -> ParamCounts:
     """:class:`ParamCounts` of ``config`` from its weightless skeleton (and the safetensors
-    headers of ``folder`` when it is a local folder)."""
+    headers of ``folder`` when it is a local folder); ``dequantized``: the weights are a GGUF
+    file's, dequantized while loading."""
     from coupling.model.blocks import find_blocks
     from coupling.model.loading import _hidden_size, _num_layers
     from coupling.model.weights import build_skeleton
@@ -104,7 +105,7 @@ def param_counts(config, folder=None) -> ParamCounts:
     heads = next((getattr(config, n) for n in ("num_attention_heads", "n_head")
                   if isinstance(getattr(config, n, None), int)), 1)
     sizes = ParamCounts(per_block, total - sum(per_block), embedding, _hidden_size(config),
-                       vocab, ffn, heads,
+                       vocab, ffn, heads, dequantized=dequantized,
                        largest=max((p.numel() for p in model.parameters()), default=0))
     if folder is not None and Path(str(folder)).is_dir():
         sizes.disk_bytes, sizes.disk_params = safetensors_bytes(folder)
@@ -270,8 +271,8 @@ def plan(sizes: ParamCounts, dtype: str, settings, n_tokens: int, weights: str =
     parts = {m: predict(sizes, m, dtype, settings, n_tokens) for m in ("memory", "disk")}
     gpu = device != "cpu"
     if gpu:          # the device holds what the host holds on a CPU scan, less the file pages
-        dev_parts = {m: on_device(p, m, sizes)[1] for m, p in parts.items()}
-        parts = {m: on_device(p, m, sizes)[0] for m, p in parts.items()}
+        split = {m: on_device(p, m, sizes) for m, p in parts.items()}
+        parts, dev_parts = ({m: hd[i] for m, hd in split.items()} for i in (0, 1))
     host_need = {m: peak_of(p) for m, p in parts.items()}
     need = {m: peak_of(p) for m, p in dev_parts.items()} if gpu else host_need
     free = device_available if gpu else host_free
@@ -285,7 +286,7 @@ def plan(sizes: ParamCounts, dtype: str, settings, n_tokens: int, weights: str =
     result = MemoryPlan(mode, why, parts[mode], baseline, host_free, read, device,
                         dev_parts[mode] if gpu else None, device_available if gpu else None)
     if gpu:
-        check_fits_device(result, need, disk_ok, f"{device}'s")
+        check_fits(result, need, disk_ok, f"{device}'s")
     check_fits(result, host_need, disk_ok)
     return result
 
@@ -308,36 +309,24 @@ def choose_mode(weights: str, need: dict, free: int | None, disk_ok: bool, where
                       "are not local safetensors files that could be read per block")
 
 
-def check_fits_device(p: MemoryPlan, need: dict, disk_ok: bool, where: str):
-    """One line when the GPU scan's chosen mode cannot fit in the device's free memory."""
-    free = p.device_available_bytes
-    if free is None or p.device_peak_bytes <= free:
+def check_fits(p: MemoryPlan, need: dict, disk_ok: bool, where: str = "host"):
+    """One line when the chosen mode cannot fit in the free memory of ``where`` (``host``,
+    or the GPU of a GPU scan), before any work; ``need``: each mode's peak there."""
+    gpu = where != "host"
+    peak, free = ((p.device_peak_bytes, p.device_available_bytes) if gpu else
+                  (p.predicted_bytes, p.available_bytes))
+    if free is None or peak <= free:
         return
+    parts = p.device_parts if gpu else p.parts
+    bigger = "use a GPU with more memory or --device cpu" if gpu else "use a bigger machine"
     if p.mode == "memory" and disk_ok and need["disk"] <= free:
-        hint = f"scan with --weights disk (predicted {gb(need['disk'])} on the device)"
-    elif p.mode == "memory":
-        hint = ("save the model as safetensors (save_pretrained) so that --weights disk can "
-                f"move one block at a time to the device (predicted {gb(need['disk'])})")
-    else:
-        hint = (f"use a GPU with more memory or --device cpu: this is already one block at a "
-                f"time (the block in float32 with its work: "
-                f"{gb(p.device_parts['block'] + p.device_parts['work'])})")
-    raise MemoryPlanError(f"the scan needs about {gb(p.device_peak_bytes)} of {where} memory "
-                          f"in {p.mode} mode but only {gb(free)} is free: {hint}")
-
-
-def check_fits(p: MemoryPlan, need: dict, disk_ok: bool):
-    """One line when the chosen mode cannot fit in the memory available (before any work)."""
-    if p.available_bytes is None or p.predicted_bytes <= p.available_bytes:
-        return
-    if p.mode == "memory" and disk_ok and need["disk"] <= p.available_bytes:
         hint = f"scan with --weights disk (predicted {gb(need['disk'])})"
     elif p.mode == "memory":
         hint = ("save the model as safetensors (save_pretrained) so that --weights disk can "
-                f"read one block at a time (predicted {gb(need['disk'])}), or use a bigger machine")
+                f"read one block at a time (predicted {gb(need['disk'])}), or {bigger}")
     else:
-        hint = ("free memory or use a bigger machine: this is already one block at a time "
-                f"(the block being worked on: {gb(p.parts['block'])}, embedding, norm and "
-                f"head: {gb(p.parts['weights'])})")
-    raise MemoryPlanError(f"the scan needs about {gb(p.predicted_bytes)} of host memory in "
-                          f"{p.mode} mode but only {gb(p.available_bytes)} is available: {hint}")
+        hint = (f"{'' if gpu else 'free memory or '}{bigger}: this is already one block at a "
+                f"time (the block being worked on: {gb(parts['block'])}, embedding, norm and "
+                f"head: {gb(parts['weights'])})")
+    raise MemoryPlanError(f"the scan needs about {gb(peak)} of {where} memory in {p.mode} mode "
+                          f"but only {gb(free)} is free: {hint}")

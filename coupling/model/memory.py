@@ -75,8 +75,26 @@ def available() -> dict:
     device = None
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
-        device = int(torch.cuda.mem_get_info()[0])
+        device = device_free("cuda")
     return {"host_bytes": host, "device_bytes": device}
+
+
+def device_free(device: str) -> int | None:
+    """Free memory of GPU ``device`` (``cuda``: the current one), None for ``cpu``; a
+    one-line error when this torch cannot reach it."""
+    if device == "cpu":
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA "
+                         "GPU: install a CUDA build of torch on a GPU machine, or scan with "
+                         "--device cpu")
+    dev = torch.device(device)
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) here "
+                         f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    return int(torch.cuda.mem_get_info(dev)[0])
 
 
 def _cgroup_room() -> int | None:
