@@ -15,22 +15,18 @@ import tempfile
 from pathlib import Path
 
 from gpu_check_common import Ctx, peak_memory, timed, write_table
+from gpu_check_model import llama_config
 
 LAYERS = 4
 
 
 def step_stream(ctx: Ctx):
     import torch
-    import transformers as tf
 
     from coupling.model.zoo import save_random
 
     sh = ctx.shape
-    config = tf.LlamaConfig(num_hidden_layers=LAYERS, hidden_size=sh["d"],
-                            intermediate_size=sh["ffn"], num_attention_heads=sh["heads"],
-                            num_key_value_heads=sh["kv_heads"], vocab_size=sh["vocab"],
-                            max_position_embeddings=max(128, sh["n"]),
-                            architectures=["LlamaForCausalLM"])
+    config = llama_config({**sh, "layers": LAYERS})     # the scan step's model, fewer blocks
     ids = torch.randint(0, sh["vocab"], (1, sh["n"]), generator=torch.Generator().manual_seed(0))
     rows, grids = [], {}
     with tempfile.TemporaryDirectory(prefix="gpu-check-stream-") as tmp:
