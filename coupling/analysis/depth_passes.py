@@ -51,13 +51,6 @@ def holder(blocks, settings: ScanSettings):
     return lambda l: blocks.hold(l, dtype)
 
 
-def release(blocks: dict):
-    """Free each :class:`~coupling.jacobian.fastpath.FastBlock`'s compute copy at once."""
-    for fb in blocks.values():
-        fb.release()
-    blocks.clear()
-
-
 def decompose_layers(record: ForwardRecord, layers, settings: ScanSettings, model=None,
                      hold=None, keep_dense: bool | None = None) -> tuple:
     """Pass 1 over ``layers``: ``(kept, factors)``.
@@ -80,8 +73,7 @@ def decompose_layers(record: ForwardRecord, layers, settings: ScanSettings, mode
                 factors[t][l] = svds[l]
                 if keep and isinstance(jac[l], torch.Tensor):
                     dense[t][l] = jac[l]
-            release(blocks)              # the block's compute copy goes before the next block
-            del jac
+            del blocks, jac              # the block's compute copy goes before the next block
     complete = keep and all(set(dense[t]) == set(layers) for t in tokens)
     return ({"J": dense if complete else None, "functions": functions,
              "deflation": dict(record.cache["deflation"])}, factors)
@@ -108,8 +100,7 @@ def couple_layers(record: ForwardRecord, layers, kept: dict | None, all_factors:
                 grid, flag = couple_token({l: J}, svds[t], record.n_layers, settings.k)
                 grids[t].append(grid)
                 flags[t].update(flag)
-            release(blocks)
-            del J
+            del blocks, J
     rows = [{v: np.concatenate([g[v] for g in grids[t]], axis=0) for v in ("normalized", "raw")}
             for t in tokens]
     spectra = {l: svds[tokens[-1]][l] for l in layers}

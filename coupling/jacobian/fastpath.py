@@ -70,6 +70,26 @@ class NotCausalError(ValueError):
 # ------------------------------------------------------------------------------------------
 # the fast block: local residual-branch functions of one recorded call
 # ------------------------------------------------------------------------------------------
+def _block_call(module, hidden_in_kwargs: bool, x, args: dict):
+    return module(hidden_states=x, **args) if hidden_in_kwargs else module(x, **args)
+
+
+def _minus_input(out, x, norm):
+    """The residual branch from a block's output: ``norm(out) - x`` (``out - x`` without
+    ``norm``)."""
+    out = first_tensor(out)
+    if norm is not None:
+        out = norm(out)
+    return out - x
+
+
+def _residual_branch(module, norm, hidden_in_kwargs: bool):
+    """``(x, args) -> branch``, holding the block but not its :class:`FastBlock`."""
+    def f(x, args):
+        return _minus_input(_block_call(module, hidden_in_kwargs, x, args), x, norm)
+    return f
+
+
 class FastBlock:
     """Local residual-branch functions of one recorded block call.
 
@@ -99,15 +119,6 @@ class FastBlock:
         self._broken: set[str] = set()   # local kinds that failed to bind or verify
         self.fallbacks: dict[str, str] = {}   # local kind -> why it is not used
         self._verified: set[tuple[str, int]] = set()
-
-    def release(self):
-        """Drop the compute copy and what was built on it, now: the memoised functions close
-        over ``self`` (a reference cycle), so without this a bf16 block's float32 copy lives
-        until Python's cycle collector runs, and copies pile up across blocks (measured:
-        +1.8 GB per d = 4096 block).  The object is unusable afterwards."""
-        self._copies.clear()
-        self.module = self.norm = self.call = None
-        self._kv = self._full_out = None
 
     # -- the local functions ---------------------------------------------------------------
     def full_function(self) -> Callable:
@@ -150,10 +161,13 @@ class FastBlock:
         if "use_cache" in args:
             args["use_cache"] = True
         prefix = [(K[..., :t, :], V[..., :t, :]) for K, V in self._prefix_kv()]
+        # G is memoised on self, so it must not refer to self: that cycle kept a bf16 block's
+        # float32 copy alive until the cycle collector ran (+1.8 GB per d = 4096 block)
+        branch = _residual_branch(self.module, self.norm, self.call.hidden_in_kwargs)
 
         def G(x):
             # a fresh cache per call: nothing is stored, nothing leaks out of vmap
-            return self._finish(self._call(x, {**args, cache_name: _PrefixKV(prefix)}), x)
+            return branch(x, {**args, cache_name: _PrefixKV(prefix)})
 
         if len(self._copies) > 64:   # bounded memo (ARPACK reuses a few batch sizes)
             self._copies.clear()
@@ -245,10 +259,7 @@ class FastBlock:
         return self.module(x, **args)
 
     def _finish(self, out, x):
-        out = first_tensor(out)
-        if self.norm is not None:
-            out = self.norm(out)
-        return out - x
+        return _minus_input(out, x, self.norm)
 
     def _token(self, t: int) -> int:
         if not isinstance(t, int) or isinstance(t, bool):
