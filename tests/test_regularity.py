@@ -6,9 +6,10 @@ import pytest
 import scipy.stats
 import torch
 
-from coupling.measures.regularity import (equidistance_cv, expodistance, layer_norms,
-                                          line_shape_score, log_growth_rates, logit_lens_entropy,
-                                          pca_projection, step_sizes, windowed_lss)
+from coupling.measures.regularity import (LinearLens, equidistance_cv, expodistance,
+                                          layer_norms, line_shape_score, log_growth_rates,
+                                          logit_lens_entropy, pca_projection, step_sizes,
+                                          windowed_lss)
 
 RNG = np.random.default_rng(0)
 
@@ -112,6 +113,52 @@ def test_logit_lens_entropy_uniform_peaked_and_scipy_reference():
     assert logit_lens_entropy(X[:, 0], lambda h: torch.zeros(h.shape[0], V)).shape == (L + 1,)
     with pytest.raises(ValueError, match=r"\(n, V\)"):
         logit_lens_entropy(X, lambda h: torch.zeros(V))
+
+
+def test_streamed_linear_lens_equals_the_float64_entropy_at_every_chunking():
+    """A LinearLens is streamed (rows x vocabulary chunks, running log-sum-exp): the entropies
+    are those of the whole float64 softmax, whatever the chunks, across layer boundaries,
+    with masked words (-inf bias; a whole masked chunk first) and the last layer unnormed."""
+    L, n, d, V = 3, 5, 16, 61
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(L + 1, n, d, generator=g) * 2
+    W = torch.randn(V, d, generator=g)
+    b = torch.randn(V, generator=g)
+    b[:8] = -math.inf                     # the first vocabulary chunk of 8 is all masked
+    b[20] = -math.inf
+    norm = torch.nn.LayerNorm(d)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5, generator=g)
+    lens = LinearLens(W, b, norm)
+    last = LinearLens(W, b)
+
+    def reference(l):                     # float64 throughout
+        h = X[l].double()
+        if l < L:
+            h = torch.nn.functional.layer_norm(h, (d,), norm.weight.double().detach(),
+                                               norm.bias.double().detach(), norm.eps)
+        z = h @ W.double().T + b.double()
+        p = torch.softmax(z, -1)
+        return -(torch.where(p > 0, p * torch.log_softmax(z, -1), 0.0)).sum(-1), h, z
+
+    ref = [reference(l) for l in range(L + 1)]
+    want = torch.stack([r[0] for r in ref]).numpy()
+    # float32 logits: each is off by at most d u ||h|| ||w|| (a float32 dot product), and
+    # |dH| <= max|dz| (max z - min z) over the words that are not masked
+    h_norm = max(float(r[1].norm(dim=-1).max()) for r in ref)
+    dz = d * 2.0 ** -24 * h_norm * float(W.norm(dim=-1).max()) + 2.0 ** -24 * float(b[b > -1e9].abs().max())
+    live = torch.cat([r[2][:, b > -math.inf] for r in ref])
+    tol = dz * float(live.max() - live.min())
+    for rows, vocab in ((1, 1), (3, 8), (7, 13), (n, V), (100, 1000)):
+        H = logit_lens_entropy(X, lens, last, rows=rows, vocab=vocab)
+        assert H.shape == (L + 1, n)
+        np.testing.assert_allclose(H, want, rtol=0, atol=tol)
+    # the same entropies as the same heads taken one layer at a time as plain callables
+    H = logit_lens_entropy(X, lambda h: lens(h), lambda h: last(h))
+    np.testing.assert_allclose(H, want, rtol=0, atol=tol)
+    # a zero unembedding: exactly uniform over the V words
+    H = logit_lens_entropy(X, LinearLens(torch.zeros(V, d)), rows=3, vocab=7)
+    np.testing.assert_allclose(H, np.log(V), rtol=1e-13)
 
 
 def test_pca_recovers_a_plane():

@@ -21,8 +21,9 @@ host peak is the interpreter's resident set when planning (Python, torch, transf
     its torch copy: twice the largest tensor).
 ``states``, ``factors``, ``lens``
     ``X^0..X^L`` and the recorded calls; ``U, V`` (``d x K``) and ``S`` of every layer and
-    traced token; one layer's logits for the logit-lens entropy (the head reads one layer at
-    a time).
+    traced token; the logit-lens entropy's work: a few thousand states against a few
+    thousand words of the unembedding at a time (one layer's logits whole when the head is
+    not a plain linear layer).
 
 Only ``weights`` grows with depth in ``memory`` mode, and only ``states`` and ``factors`` (a
 few MB per block) in ``disk`` mode.  ``auto`` picks ``memory`` when its peak fits in the
@@ -43,6 +44,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from coupling.measures.regularity import lens_work_bytes
 from coupling.model import memory
 from coupling.model.memory import gb
 from coupling.spectrum.svd import may_be_dense
@@ -72,6 +74,7 @@ class ParamCounts:
     disk_params: int | None = None         # ... and their element count
     dequantized: bool = False              # a GGUF file, dequantized while it is loaded
     largest: int = 0                       # elements of the largest tensor
+    linear_head: bool = True               # the unembedding is a plain nn.Linear (streamed lens)
 
     @property
     def n_params(self) -> int:
@@ -89,6 +92,7 @@ def param_counts(config, folder=None, dequantized: bool = False) -> ParamCounts:
     file's, dequantized while loading."""
     from coupling.model.blocks import find_blocks
     from coupling.model.loading import _hidden_size, _num_layers
+    from coupling.model.trajectory import is_plain_linear
     from coupling.model.weights import build_skeleton
 
     model = build_skeleton(config)
@@ -106,7 +110,8 @@ def param_counts(config, folder=None, dequantized: bool = False) -> ParamCounts:
                   if isinstance(getattr(config, n, None), int)), 1)
     sizes = ParamCounts(per_block, total - sum(per_block), embedding, _hidden_size(config),
                        vocab, ffn, heads, dequantized=dequantized,
-                       largest=max((p.numel() for p in model.parameters()), default=0))
+                       largest=max((p.numel() for p in model.parameters()), default=0),
+                       linear_head=out is None or is_plain_linear(out))
     if folder is not None and Path(str(folder)).is_dir():
         sizes.disk_bytes, sizes.disk_params = safetensors_bytes(folder)
     return sizes
@@ -233,7 +238,8 @@ def predict(sizes: ParamCounts, mode: str, dtype: str, settings, n_tokens: int) 
             "work": int(max(vjp, dense)),
             "states": (L + 1) * n * d * (8 + 2 * b) + L * n * d * b,
             "factors": traced * L * (2 * d * k + k + 1) * 8,
-            "lens": n * sizes.vocab * 28 if "regularity" in settings.measures else 0}
+            "lens": (lens_work_bytes(n, L + 1, d, sizes.vocab, sizes.linear_head)
+                     if "regularity" in settings.measures else 0)}
 
 
 def peak_of(parts: dict) -> int:

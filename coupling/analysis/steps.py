@@ -340,6 +340,8 @@ def lens_heads(model, last_block: str) -> tuple:
     head = lens_head(model)
     if head is None or last_block != "with-final-norm":
         return head, None
+    if isinstance(head, reg.LinearLens):
+        return head, head._replace(norm=None)
     unembed = model.get_output_embeddings()
     return head, lambda h: unembed(h.to(unembed.weight.dtype)).float()
 

@@ -159,15 +159,58 @@ def equidistance_cv(traj):
     return float(cv) if np.ndim(cv) == 0 else cv
 
 
+# The lens streams the unembedding (:class:`LinearLens`): LENS_ROWS hidden states at a time,
+# LENS_VOCAB of its rows at a time, with a running log-sum-exp.  Its (V, d) matrix is then read
+# once per LENS_ROWS states instead of once per layer, and the logits never exist whole: 2x
+# faster than a layer at a time at d = 768, V = 50257, n = 71 (BENCHMARKS.md, whole process),
+# with LENS_ROWS x LENS_VOCAB x 20 bytes of work (42 MB) whatever n, L and V are.
+LENS_ROWS, LENS_VOCAB = 1024, 2048
+_LENS_BYTES_PER_LOGIT = 20      # float32 logits, their float64 copy, its exponential
+_MASKED = -1e300
+
+
+class LinearLens(NamedTuple):
+    """A logit lens that is an optional map (the final norm) then a linear unembedding:
+    ``logits = norm(h) @ weight.T + bias``, computed in ``weight``'s dtype.  Callable as a
+    head (``(n, d) -> (n, V)`` float32 logits); :func:`logit_lens_entropy` streams it."""
+
+    weight: torch.Tensor                  # (V, d)
+    bias: torch.Tensor | None = None      # (V,)
+    norm: Callable | None = None
+
+    def states(self, h: torch.Tensor) -> torch.Tensor:
+        """``h`` as the unembedding takes it: in its dtype, after ``norm``."""
+        h = h.to(self.weight.dtype)
+        return self.norm(h) if self.norm is not None else h
+
+    @torch.no_grad()
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(self.states(h), self.weight, self.bias).float()
+
+
+def lens_work_bytes(n: int, layers: int, d: int, vocab: int, streamed: bool = True) -> int:
+    """Bytes :func:`logit_lens_entropy` works in beside the trajectory of ``layers`` states
+    of ``n`` tokens: a streamed :class:`LinearLens` (a chunk of states and its logits against
+    a chunk of a ``vocab``-word unembedding), or (``streamed=False``, any other head) one
+    layer's logits whole."""
+    if not streamed:
+        return n * vocab * 28          # float32 logits, float64 log p, p, p log p
+    rows = min(layers * n, LENS_ROWS)
+    return rows * (min(vocab, LENS_VOCAB) * _LENS_BYTES_PER_LOGIT + 4 * d)
+
+
 @torch.no_grad()
-def logit_lens_entropy(X, head: Callable, last_head: Callable | None = None):
+def logit_lens_entropy(X, head: Callable, last_head: Callable | None = None,
+                       rows: int = LENS_ROWS, vocab: int = LENS_VOCAB):
     """Entropy (nats) of the softmax of ``head(X^l)`` for every layer: ``(L+1, n)``.
 
     ``head`` maps ``(n, d)`` hidden states (a torch tensor; numpy input is converted with
     ``torch.from_numpy``, dtype kept) to ``(n, V)`` logits: the caller supplies final norm
     + unembedding.  Hugging Face's last hidden state already has the final norm applied;
     pass ``last_head`` (e.g. the unembedding alone) to use a different map for ``X^L``.
-    Single-token ``(L+1, d)`` input gives ``(L+1,)``.
+    Single-token ``(L+1, d)`` input gives ``(L+1,)``.  When every head is a
+    :class:`LinearLens` of one unembedding, ``rows`` states and ``vocab`` words at a time
+    (the same entropies, float64 throughout after the float32 logits).
     """
     X = torch.from_numpy(X) if isinstance(X, np.ndarray) else X
     if not isinstance(X, torch.Tensor) or X.ndim not in (2, 3):
@@ -175,19 +218,71 @@ def logit_lens_entropy(X, head: Callable, last_head: Callable | None = None):
                          f"{getattr(X, 'shape', type(X).__name__)}")
     single = X.ndim == 2
     X = X[:, None, :] if single else X
-    out = np.empty((X.shape[0], X.shape[1]))
-    for l in range(X.shape[0]):
-        fn = last_head if (last_head is not None and l == X.shape[0] - 1) else head
-        logits = torch.as_tensor(fn(X[l]))
-        if logits.ndim != 2 or logits.shape[0] != X.shape[1]:
-            raise ValueError(f"head must map (n, d) states to (n, V) logits; got shape "
-                             f"{tuple(logits.shape)} for n={X.shape[1]}")
-        logp = torch.log_softmax(logits.double(), dim=-1)
-        p = logp.exp()
-        # 0 log 0 = 0: logits of -inf (masked vocabulary) contribute nothing.  p and log p
-        # are taken once each (xlogy(p, p) took a second log: ~40% of this loop's time)
-        out[l] = (-(p * logp).masked_fill_(p == 0, 0.0).sum(-1)).cpu().numpy()
+    heads = [last_head if (last_head is not None and l == X.shape[0] - 1) else head
+             for l in range(X.shape[0])]
+    if _one_linear_lens(heads):
+        out = _streamed_entropy(X, heads, rows, vocab)
+    else:
+        out = np.empty((X.shape[0], X.shape[1]))
+        for l, fn in enumerate(heads):
+            out[l] = _entropy_of_logits(torch.as_tensor(fn(X[l])), X.shape[1])
     return out[:, 0] if single else out
+
+
+def _one_linear_lens(heads) -> bool:
+    first = heads[0]
+    return all(isinstance(h, LinearLens) and h.weight is first.weight and h.bias is first.bias
+               for h in heads)
+
+
+def _entropy_of_logits(logits: torch.Tensor, n: int) -> np.ndarray:
+    if logits.ndim != 2 or logits.shape[0] != n:
+        raise ValueError(f"head must map (n, d) states to (n, V) logits; got shape "
+                         f"{tuple(logits.shape)} for n={n}")
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    p = logp.exp()
+    # 0 log 0 = 0: logits of -inf (masked vocabulary) contribute nothing.  p and log p
+    # are taken once each (xlogy(p, p) took a second log: ~40% of this loop's time)
+    return (-(p * logp).masked_fill_(p == 0, 0.0).sum(-1)).cpu().numpy()
+
+
+def _streamed_entropy(X: torch.Tensor, heads: list, rows: int, vocab: int) -> np.ndarray:
+    """Every layer's entropies, ``rows`` of the flattened ``(layer, token)`` states at a time."""
+    layers, n = X.shape[0], X.shape[1]
+    out = np.empty(layers * n)
+    for a in range(0, layers * n, rows):
+        b = min(a + rows, layers * n)
+        states = [heads[l].states(X[l, max(a - l * n, 0):min(b - l * n, n)])
+                  for l in range(a // n, (b - 1) // n + 1)]
+        lens = heads[0]
+        out[a:b] = _linear_entropy(torch.cat(states), lens.weight, lens.bias,
+                                   vocab).cpu().numpy()
+    return out.reshape(layers, n)
+
+
+def _linear_entropy(x, weight, bias, vocab: int) -> torch.Tensor:
+    """Entropy of ``softmax(x @ weight.T + bias)`` per row, ``vocab`` words at a time:
+    ``H = logsumexp(z) - E_p[z]`` from a running maximum ``m``, ``s = sum exp(z - m)`` and
+    ``t = sum exp(z - m) z``, all float64."""
+    f64 = dict(dtype=torch.float64, device=x.device)
+    m = torch.full((x.shape[0],), -torch.inf, **f64)
+    s, t = torch.zeros(x.shape[0], **f64), torch.zeros(x.shape[0], **f64)
+    for c in range(0, weight.shape[0], vocab):
+        z = torch.nn.functional.linear(x, weight[c:c + vocab],
+                                       None if bias is None else bias[c:c + vocab])
+        # a logit of -inf (masked vocabulary) becomes -1e300, below every float32 but far
+        # from float64's overflow: its exponential is 0 next to any real logit and 0 * z = 0
+        # (0 log 0 = 0) where -inf would give nan; a chunk of them sums to no worse than -1e303
+        z = z.double().clamp_(min=_MASKED)
+        new = torch.maximum(m, z.amax(1))
+        scale = torch.exp(m - new)
+        s.mul_(scale)
+        t.mul_(scale)
+        m = new
+        e = (z - new[:, None]).exp_()
+        s += e.sum(1)
+        t += e.mul_(z).sum(1)
+    return m + torch.log(s) - t / s
 
 
 class PCAResult(NamedTuple):

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from coupling.measures.regularity import LinearLens
 from coupling.model.blocks import BlockCall, CallRecorder, find_blocks, find_final_norm
 from coupling.model.loading import LoadedModel
 
@@ -172,11 +173,15 @@ def logit_lens_head(loaded: LoadedModel):
 
 
 def lens_head(model: torch.nn.Module):
-    """:func:`logit_lens_head` of a model module (a pipeline stage holds the module only)."""
+    """:func:`logit_lens_head` of a model module (a pipeline stage holds the module only): a
+    :class:`~coupling.measures.regularity.LinearLens` when the unembedding is a plain
+    ``nn.Linear`` (the lens then streams it), else a closure over the module."""
     unembed = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if unembed is None:
         return None
     norm = find_final_norm(model)
+    if is_plain_linear(unembed):
+        return LinearLens(unembed.weight, unembed.bias, norm)
 
     @torch.no_grad()
     def head(h: torch.Tensor) -> torch.Tensor:
@@ -186,3 +191,10 @@ def lens_head(model: torch.nn.Module):
         return unembed(h).float()
 
     return head
+
+
+def is_plain_linear(module) -> bool:
+    """Whether ``module`` computes ``x @ weight.T + bias`` and nothing else (not a quantized
+    or otherwise overridden linear layer)."""
+    return (isinstance(module, torch.nn.Linear) and type(module).forward is torch.nn.Linear.forward
+            and not module._forward_hooks and not module._forward_pre_hooks)
