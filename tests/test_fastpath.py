@@ -1,5 +1,6 @@
 """Fast (one-token / truncated-prompt) block Jacobians equal the full-prompt reference."""
 
+import dataclasses
 import os
 
 import pytest
@@ -17,7 +18,7 @@ from coupling.model.blocks import BlockCall, CallRecorder, residual_branch
 from coupling.model.hf_call import is_causal
 from coupling.model.loading import LoadedModel, parse_dtype
 from coupling.model.trajectory import run_forward
-from coupling.model.zoo import CAUSAL, build_random, random_inputs, small_config
+from coupling.model.zoo import CAUSAL, FAMILIES, build_random, random_inputs, small_config
 from coupling.spectrum.svd import svd_of_dense
 
 N = 7   # prompt length: t = 0, a middle token and the last one are all exercised
@@ -133,6 +134,47 @@ def test_products_never_push_the_whole_prompt_through_the_block():
         assert seen and max(seen) == 3 and N not in seen
     finally:
         hook.remove()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_recording_keys_values_in_the_forward_leaves_it_unchanged(family):
+    """run_forward hands every block a recording cache: the trajectory is still the model's
+    own forward, bit for bit (each block output and hidden state)."""
+    cfg = small_config(family, n_layers=3)
+    model = build_random(cfg).to(DEVICE)
+    inputs = {k: v.to(DEVICE) for k, v in random_inputs(family, n_tokens=N).items()}
+    rec = run_forward(LoadedModel(model, None, cfg, {"n_layers": 3}), inputs)
+    with torch.no_grad():
+        plain = model(**inputs, output_hidden_states=True, use_cache=False).hidden_states
+    if family in CAUSAL:
+        assert all(c.kv is not None for c in rec.calls), family
+    for l in range(3):                     # X^0..X^{L-1}: the last may carry the final norm
+        assert torch.equal(rec.hidden_states[l], plain[l][0].float()), (family, l)
+    for i in range(2):
+        assert torch.equal(rec.calls[i].output, plain[i + 1]), (family, i)
+
+
+@pytest.mark.parametrize("family", CAUSAL)
+def test_recorded_keys_values_spare_the_whole_prompt_block_call(family):
+    """With the forward's keys/values the one-token function needs no block call on the whole
+    prompt (without them: one, to record them), and gives the same Jacobian bit for bit."""
+    _, rec = _record(family)
+    call = rec.calls[-1]
+    seen = []
+
+    def count(mod, args, kwargs):
+        seen.append((args[0] if args else kwargs["hidden_states"]).shape[1])
+
+    hook = call.module.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        recorded = FastBlock(call).jacobian(N - 2, N - 2)
+        assert N not in seen, (family, seen)
+        seen.clear()
+        replayed = FastBlock(dataclasses.replace(call, kv=None)).jacobian(N - 2, N - 2)
+        assert N in seen, (family, seen)
+    finally:
+        hook.remove()
+    assert torch.equal(recorded, replayed), family
 
 
 @pytest.mark.parametrize("family", ["bert", "vit"])

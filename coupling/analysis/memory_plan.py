@@ -20,10 +20,10 @@ host peak is the interpreter's resident set when planning (Python, torch, transf
     dtype, or, for a GGUF file, the tensor being dequantized (float32, as a numpy array and
     its torch copy: twice the largest tensor).
 ``states``, ``factors``, ``lens``
-    ``X^0..X^L`` and the recorded calls; ``U, V`` (``d x K``) and ``S`` of every layer and
-    traced token; the logit-lens entropy's work: a few thousand states against a few
-    thousand words of the unembedding at a time (one layer's logits whole when the head is
-    not a plain linear layer).
+    ``X^0..X^L`` and the recorded calls (with float32 blocks' keys/values); ``U, V``
+    (``d x K``) and ``S`` of every layer and traced token; the logit-lens entropy's work: a
+    thousand states against two thousand words of the unembedding at a time (one layer's
+    logits whole when the head is not a plain linear layer).
 
 Only ``weights`` grows with depth in ``memory`` mode, and only ``states`` and ``factors`` (a
 few MB per block) in ``disk`` mode.  ``auto`` picks ``memory`` when its peak fits in the
@@ -236,7 +236,10 @@ def predict(sizes: ParamCounts, mode: str, dtype: str, settings, n_tokens: int) 
         dense = 5 * d * d * 4 + min(traced * L * d * d, block) * 4
     return {"weights": int(weights), "load": int(load), "block": int(block_bytes),
             "work": int(max(vjp, dense)),
-            "states": (L + 1) * n * d * (8 + 2 * b) + L * n * d * b,
+            # + float32 blocks' keys/values, recorded in the forward for the fast path
+            # (at most d wide each: fewer with grouped-query attention)
+            "states": (L + 1) * n * d * (8 + 2 * b) + L * n * d * b + (8 * L * n * d if b == 4
+                                                                      else 0),
             "factors": traced * L * (2 * d * k + k + 1) * 8,
             "lens": (lens_work_bytes(n, L + 1, d, sizes.vocab, sizes.linear_head)
                      if "regularity" in settings.measures else 0)}

@@ -277,7 +277,12 @@ class FastBlock:
 
     @torch.no_grad()
     def _prefix_kv(self):
-        """Every attention's (K, V) of the whole prompt, from one recorded block call."""
+        """Every attention's (K, V) of the whole prompt: as the forward pass recorded them
+        (``BlockCall.kv``, in the compute dtype), else from one block call with the cache in
+        record mode."""
+        if self._kv is None and self.call.kv is not None and self.call.output is not None:
+            self._kv = self.call.kv
+            self._full_out = self._finish(self.call.output.to(self.dtype), self.X)
         if self._kv is None:
             _, args, cache_name = _bind(self.call, self.module)
             if cache_name is None:

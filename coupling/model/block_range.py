@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from coupling.model.blocks import BlockCall, CallRecorder, find_blocks, find_final_norm
+from coupling.model.kv_cache import _PrefixKV
 from coupling.model.loading import (_hidden_size, _load_tokenizer, _num_layers, load_config,
                                     model_files, model_info, parse_dtype)
 from coupling.model.trajectory import ForwardRecord, model_inputs, with_last_block
@@ -198,8 +199,8 @@ class BlockRange:
         states, calls = [x[0].float()], []
         for i in range(self.lo, self.hi):
             call = _with_input(templates[i], self.blocks[i], x)
-            with self.hold(i + 1):
-                x = call.replay(x)
+            with self.hold(i + 1):     # float32: its keys/values kept for the fast path
+                x = call.replay(x, kv_cache=_PrefixKV if self.dtype == torch.float32 else None)
             call.output = x
             calls.append(call)
             states.append(x[0].float())

@@ -94,24 +94,39 @@ class BlockCall:
     hidden_in_kwargs: bool  # True when hidden states were passed as kwargs["hidden_states"]
 
     output: torch.Tensor | None = None
+    # every attention's (K, V) of the whole prompt, as its cache received them, when they were
+    # recorded with the call (the fast path then needs no block call of its own to get them)
+    kv: list | None = None
 
     @property
     def input(self) -> torch.Tensor:
         return self.kwargs["hidden_states"] if self.hidden_in_kwargs else self.args[0]
 
-    def replay(self, hidden: torch.Tensor, module: nn.Module | None = None) -> torch.Tensor:
-        """Call the block on ``hidden`` with every other argument exactly as recorded."""
+    def replay(self, hidden: torch.Tensor, module: nn.Module | None = None,
+               kv_cache=None) -> torch.Tensor:
+        """Call the block on ``hidden`` with every other argument exactly as recorded.
+
+        ``kv_cache``: a factory of recording caches (as for :class:`CallRecorder`); the
+        keys/values the block gives its cache are then kept in ``self.kv``."""
         module = self.module if module is None else module
         if self.hidden_in_kwargs:
-            out = module(*self.args, **{**self.kwargs, "hidden_states": hidden})
+            args, kwargs = self.args, {**self.kwargs, "hidden_states": hidden}
         else:
-            out = module(hidden, *self.args[1:], **self.kwargs)
+            args, kwargs = (hidden, *self.args[1:]), self.kwargs
+        name = cache_parameter(module) if kv_cache is not None else None
+        cache = kv_cache() if name is not None else None
+        injected = with_cache(module, name, args, kwargs, cache) if cache is not None else None
+        out = module(*injected[0], **injected[1]) if injected else module(*args, **kwargs)
+        if injected:
+            self.kv = cache.recorded or None
         return first_tensor(out)
 
     def cast(self, dtype: torch.dtype) -> "BlockCall":
         """A copy whose floating-point tensors (masks, rotary tables...) are in ``dtype``."""
+        same = self.kv is not None and all(K.dtype == dtype for K, _ in self.kv)
         return BlockCall(self.index, self.module, _cast(self.args, dtype),
-                         _cast(self.kwargs, dtype), self.hidden_in_kwargs, self.output)
+                         _cast(self.kwargs, dtype), self.hidden_in_kwargs, self.output,
+                         self.kv if same else None)
 
 
 def first_tensor(out):
@@ -148,11 +163,19 @@ def _detach(obj):
 
 
 class CallRecorder:
-    """Context manager recording every block's call (pre-hook) and output (forward hook)."""
+    """Context manager recording every block's call (pre-hook) and output (forward hook).
 
-    def __init__(self, blocks: nn.ModuleList):
+    ``kv_cache``: a factory of recording caches (:class:`coupling.model.kv_cache._PrefixKV`);
+    given, each block gets one in its cache argument, which hands the keys/values back
+    unchanged and keeps them (``BlockCall.kv``), so that the one-token functions of
+    :mod:`coupling.jacobian.fastpath` need no block call of their own to get them.
+    """
+
+    def __init__(self, blocks: nn.ModuleList, kv_cache=None):
         self.blocks = blocks
         self.calls: list[BlockCall | None] = [None] * len(blocks)
+        self.kv_cache = kv_cache
+        self._caches: list = [None] * len(blocks)
         self._handles = []
 
     def __enter__(self):
@@ -179,12 +202,48 @@ class CallRecorder:
             if "use_cache" in kw:
                 kw["use_cache"] = False
             self.calls[i] = BlockCall(i, module, _detach(tuple(args)), _detach(kw), in_kwargs)
+            if self.kv_cache is not None and cache is not None:
+                self._caches[i] = self.kv_cache()
+                injected = with_cache(module, cache, args, kwargs, self._caches[i])
+                if injected is None:
+                    self._caches[i] = None
+                return injected
         return hook
 
     def _post(self, i):
         def hook(module, args, out):
             self.calls[i].output = first_tensor(out).detach()
+            if self._caches[i] is not None:
+                self.calls[i].kv = self._caches[i].recorded or None
+                self._caches[i] = None
         return hook
+
+
+def with_cache(module: nn.Module, name: str, args: tuple, kwargs: dict, cache):
+    """``(args, kwargs)`` of a call of ``module`` with ``cache`` in its cache argument ``name``
+    (positional or by name, as the call passed it, or through ``**kwargs``) and ``use_cache``
+    on, as a call with a cache has it; None when the call does not bind."""
+    sig = inspect.signature(module.forward)
+    try:
+        bound = sig.bind_partial(*args, **kwargs)
+    except TypeError:
+        return None
+    extra = next((k for k, p in sig.parameters.items()
+                  if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+    named = name in sig.parameters and name != extra
+    if not named and extra is None:
+        return None
+    more = dict(bound.arguments.get(extra, {})) if extra else {}
+    if named:
+        bound.arguments[name] = cache
+    else:
+        more[name] = cache
+    for where in (bound.arguments, more):
+        if "use_cache" in where:
+            where["use_cache"] = True
+    if extra:
+        bound.arguments[extra] = more
+    return tuple(bound.args), dict(bound.kwargs)
 
 
 # Names the KV-cache argument has had (transformers 4.x: past_key_value(s), layer_past;

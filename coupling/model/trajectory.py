@@ -18,6 +18,7 @@ import torch
 
 from coupling.measures.regularity import LinearLens
 from coupling.model.blocks import BlockCall, CallRecorder, find_blocks, find_final_norm
+from coupling.model.kv_cache import _PrefixKV
 from coupling.model.loading import LoadedModel
 
 
@@ -98,7 +99,11 @@ def run_forward(loaded: LoadedModel, inputs, block_path: str | None = None,
     kwargs = model_inputs(inputs)
     device = loaded.device
     kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-    with CallRecorder(blocks) as rec:
+    # the keys/values of every block as its cache receives them, where the fast path can use
+    # them (float32 blocks: a bf16 block's Jacobians are taken of a float32 copy), so that it
+    # need not call each block on the whole prompt again
+    float32 = next(model.parameters()).dtype == torch.float32
+    with CallRecorder(blocks, kv_cache=_PrefixKV if float32 else None) as rec:
         out = model(**kwargs, output_hidden_states=True, use_cache=False, return_dict=True,
                     **_last_logits_only(model))
     hs = getattr(out, "hidden_states", None)
