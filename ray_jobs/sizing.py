@@ -14,8 +14,8 @@ memory = what one batched JVP/VJP chunk passes through a block (``chunk`` tangen
 ``jacobian: local`` in causal models, the second row standing for the attention over the prefix) and the float32 copy of one block that
 bf16/fp16 models are differentiated in (both transient, once) + what is *held* per
 layer and prompt until its coupling rows are done: the block's input/output, and the dense
-``d x d`` float32 Jacobian per traced token when the SVD is exact (``d <= 2048`` under
-``svd: auto``).  A stage holds its layers for every prompt in its pipeline (``in_flight``).
+``d x d`` float32 Jacobian per traced token when the SVD is exact (``svd: auto`` on
+CPU: ``d <= 2900 + 36 K``, ``coupling.spectrum.svd.dense_pays``).  A stage holds its layers for every prompt in its pipeline (``in_flight``).
 Lower ``chunk`` for very wide models.
 """
 from __future__ import annotations

@@ -19,28 +19,31 @@ from coupling.spectrum.svd import dense_top_k, resolve_method, svd_of_dense
 
 
 def test_auto_takes_the_route_measured_cheaper_for_the_width_and_k():
-    # BENCHMARKS.md "Dense or matrix-free": dense 5x faster at d = 768 and 1.2x at 1536
-    # (K = 10); matrix-free 1.3-1.5x faster at d = 2048, K = 10; dense again at K = 50
+    # BENCHMARKS.md "Dense or matrix-free" (1 thread): K = 10 dense 6.5x faster at d = 768,
+    # 1.7x at 2048, 1.17x at 3072, matrix-free 2.0x faster at 4096; K = 50 dense at 4096 too
     assert resolve_method("auto", 768, 10) == "exact"
-    assert resolve_method("auto", 1536, 10) == "exact"
-    assert resolve_method("auto", 2048, 10) == "lanczos"
-    assert resolve_method("auto", 2048, 50) == "exact"
+    assert resolve_method("auto", 2048, 10) == "exact"
+    assert resolve_method("auto", 3072, 10) == "exact"
+    assert resolve_method("auto", 4096, 10) == "lanczos"
+    assert resolve_method("auto", 4096, 50) == "exact"
+    assert resolve_method("auto", 8192, 50) == "lanczos"
     assert resolve_method("auto", 2048) == "exact"            # K not given: d <= 2048
-    assert resolve_method("auto", 2048, 10, "cuda") == "exact"  # not measured off CPU
+    assert resolve_method("auto", 4096) == "lanczos"
+    assert resolve_method("auto", 3072, 10, "cuda") == "lanczos"  # not measured off CPU
     assert resolve_method("lanczos", 768, 10) == "lanczos"
 
 
 def test_the_scan_takes_the_route_the_rule_gives_for_its_own_k():
-    """At d = 2048 the route depends on K (1260 + 59 K): the scan's layer step must ask with
-    the scan's K, not fall back to the K-blind width cut-off."""
-    cfg = small_config("llama", n_layers=1, d=2048, heads=16, ffn=32, vocab=64)
+    """At d = 3072 the route depends on K (2900 + 36 K): the scan's layer step must ask with
+    the scan's K, not fall back to the K-blind width cut-off (which says matrix-free)."""
+    cfg = small_config("llama", n_layers=1, d=3072, heads=16, ffn=32, vocab=64)
     lm = LoadedModel(build_random(cfg), None, cfg, {"n_layers": 1})
     rec = run_forward(lm, random_inputs("llama", n_tokens=3, vocab=64))
     t = rec.n_tokens - 1
-    free = layer_jacobians(rec, [1], t, ScanSettings(k=10), lm.model)[1]
+    free = layer_jacobians(rec, [1], t, ScanSettings(k=1), lm.model)[1]
     assert isinstance(free, LinearOperator) and free.n_products == 0   # nothing built yet
-    dense = layer_jacobians(rec, [1], t, ScanSettings(k=50), lm.model)[1]
-    assert isinstance(dense, torch.Tensor) and dense.shape == (2048, 2048)
+    dense = layer_jacobians(rec, [1], t, ScanSettings(k=10), lm.model)[1]
+    assert isinstance(dense, torch.Tensor) and dense.shape == (3072, 3072)
 
 
 def test_arpack_on_a_dense_matrix_is_exact_and_its_fall_back_says_so():

@@ -41,15 +41,17 @@ from coupling.jacobian.linop import LinearOperator, as_operator
 METHODS = ("auto", "exact", "randomized", "lanczos")
 EXACT_MAX_D = 2048
 # auto with K known (dense_pays): the dense route costs d products batched 128 at a time; the
-# matrix-free route ARPACK's single-vector products (9-14x the cost of a batched one: J v by
-# double backward, J^T u by a VJP) plus L K batched VJPs for the coupling rows.  In units of
-# one batched product that was measured (one-token J of random GPT-2-style blocks, n = 71,
-# scripts/bench_routes.py, BENCHMARKS.md) at ~1470-2030 for K = 10 (157-331 ARPACK products)
-# and ~3600-4570 for K = 50 (419-429): for K = 10 dense 4.8-5.5x faster at d = 768, 2.4x at
-# 1024, 1.2x at 1536, matrix-free 1.3-1.5x faster at 2048; for K = 50 dense 1.6-2.6x faster
-# at d = 1536-2048.  The line through the crossovers: matrix-free when d > 1260 + 59 K.
-MATRIX_FREE_BASE = 1260
-MATRIX_FREE_PER_K = 59
+# matrix-free route ARPACK's single-vector products (10-18x the cost of a batched one: J v by
+# double backward, J^T u by a VJP) plus L K batched VJPs for the coupling rows.  It takes
+# fewer products at every width measured (K = 10: 141-457 ARPACK + 120 row products against
+# d), but not less time until d ~ 3000.  Measured (BENCHMARKS.md "Dense or matrix-free",
+# scripts/bench_routes.py: one-token J of random GPT-2-style blocks, n = 71, 1 thread, two
+# layers per cell, mean seconds): K = 10 dense 6.5x faster at d = 768, 2.7x at 1536, 1.7x at
+# 2048, 1.17x at 3072, matrix-free 2.0x faster at 4096; K = 50 dense 7.8x at 768, 3.0x at
+# 2048, 1.33x at 4096.  Crossovers (log-linear between the cells) at d ~ 3260 (K = 10) and
+# ~ 4690 (K = 50); the line through them: matrix-free when d > 2900 + 36 K.
+MATRIX_FREE_BASE = 2900
+MATRIX_FREE_PER_K = 36
 # dense_top_k: full SVD up to this width, or when K is at least this fraction of d.  ARPACK
 # costs ~K d^2 per restart cycle, the SVD ~d^3; on real block Jacobians (2 CPU threads) the
 # crossover is K ~ 40 at d = 768 and K > 50 at d = 1024 (scripts/bench_dense_topk.py).
