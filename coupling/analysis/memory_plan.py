@@ -234,12 +234,12 @@ def predict(sizes: ParamCounts, mode: str, dtype: str, settings, n_tokens: int) 
     dense = 0
     if may_be_dense(settings.svd, d, k):
         dense = 5 * d * d * 4 + min(traced * L * d * d, block) * 4
+    # float32 blocks' keys/values, recorded in the forward for the fast path (at most d
+    # wide each: fewer with grouped-query attention)
+    kv = 8 * L * n * d if b == 4 else 0
     return {"weights": int(weights), "load": int(load), "block": int(block_bytes),
             "work": int(max(vjp, dense)),
-            # + float32 blocks' keys/values, recorded in the forward for the fast path
-            # (at most d wide each: fewer with grouped-query attention)
-            "states": (L + 1) * n * d * (8 + 2 * b) + L * n * d * b + (8 * L * n * d if b == 4
-                                                                      else 0),
+            "states": (L + 1) * n * d * (8 + 2 * b) + L * n * d * b + kv,
             "factors": traced * L * (2 * d * k + k + 1) * 8,
             "lens": (lens_work_bytes(n, L + 1, d, sizes.vocab, sizes.linear_head)
                      if "regularity" in settings.measures else 0)}

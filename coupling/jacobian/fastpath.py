@@ -19,10 +19,12 @@ and columns, ``position_ids``, ``cache_position``, rotary ``position_embeddings`
 :mod:`coupling.model.hf_call`), and a one-layer cache (:class:`coupling.model.kv_cache._PrefixKV`, a
 ``transformers.Cache``) is passed in the
 block's cache argument (named as its signature says: ``cache`` in transformers >= 5.24,
-``past_key_values`` / ``layer_past`` before; see :func:`coupling.model.blocks.cache_parameter`).  One full-prompt call with the
-cache in *record* mode captures every token's keys/values (post-rotary, as the attention
-layer caches them); afterwards the cache returns ``cat(K[:t], k_new)`` from ``update`` and
-stores nothing, so it cannot grow across products.
+``past_key_values`` / ``layer_past`` before; see
+:func:`coupling.model.blocks.cache_parameter`).  The cache in *record* mode captures every
+token's keys/values (post-rotary, as the attention layer caches them): during the model's
+forward pass for float32 blocks (``BlockCall.kv``), else in one full-prompt replay of the
+call; afterwards the cache returns ``cat(K[:t], k_new)`` from ``update`` and stores nothing,
+so it cannot grow across products.
 
 Products are batched as *token copies* (:mod:`coupling.jacobian.token_jacobian`): ``k`` products are
 one block call on ``k`` copies of token ``t`` appended after the cached prefix, each copy
@@ -50,7 +52,7 @@ import torch
 from coupling.jacobian.block_jacobian import exact_jacobians
 from coupling.jacobian.linop import LinearOperator
 from coupling.jacobian.token_jacobian import DENSE_CHUNK, LocalProblem
-from coupling.model.blocks import BlockCall, first_tensor, float32_block
+from coupling.model.blocks import BlockCall, cache_parameter, first_tensor, float32_block
 from coupling.model.hf_call import _bind, _indexed_arguments, _Unsliceable, is_causal
 from coupling.model.kv_cache import _PrefixKV
 
@@ -136,7 +138,8 @@ class FastBlock:
         args = _indexed_arguments(args, self.n, rows, rows)
 
         def f(x):
-            return self._finish(self._call(x, args), x)
+            out = _block_call(self.module, self.call.hidden_in_kwargs, x, args)
+            return self._finish(out, x)
         return f
 
     def copies_function(self, t: int, B: int) -> Callable:
@@ -253,11 +256,6 @@ class FastBlock:
         return out
 
     # -- internals -------------------------------------------------------------------------
-    def _call(self, x, args: dict):
-        if self.call.hidden_in_kwargs:
-            return self.module(hidden_states=x, **args)
-        return self.module(x, **args)
-
     def _finish(self, out, x):
         return _minus_input(out, x, self.norm)
 
@@ -278,23 +276,18 @@ class FastBlock:
     @torch.no_grad()
     def _prefix_kv(self):
         """Every attention's (K, V) of the whole prompt: as the forward pass recorded them
-        (``BlockCall.kv``, in the compute dtype), else from one block call with the cache in
-        record mode."""
-        if self._kv is None and self.call.kv is not None and self.call.output is not None:
-            self._kv = self.call.kv
-            self._full_out = self._finish(self.call.output.to(self.dtype), self.X)
+        (``BlockCall.kv``, in the compute dtype), else from one replay of the call with a
+        recording cache (:meth:`BlockCall.replay`)."""
         if self._kv is None:
-            _, args, cache_name = _bind(self.call, self.module)
-            if cache_name is None:
-                raise _Unsliceable(f"{type(self.module).__name__} takes no cache argument")
-            cache = _PrefixKV()
-            kw = {**args, cache_name: cache}
-            if "use_cache" in kw:
-                kw["use_cache"] = True
-            out = self._call(self.X, kw)
-            if not cache.recorded:
-                raise _Unsliceable(f"{type(self.module).__name__} never used its cache")
-            self._kv = cache.recorded
+            if self.call.kv is None:
+                if cache_parameter(self.module) is None:
+                    raise _Unsliceable(f"{type(self.module).__name__} takes no cache argument")
+                out = self.call.replay(self.X, self.module, kv_cache=_PrefixKV)
+                if self.call.kv is None:
+                    raise _Unsliceable(f"{type(self.module).__name__} never used its cache")
+            else:
+                out = self.call.output.to(self.dtype)
+            self._kv = self.call.kv
             self._full_out = self._finish(out, self.X)
         return self._kv
 

@@ -249,14 +249,13 @@ def _entropy_of_logits(logits: torch.Tensor, n: int) -> np.ndarray:
 def _streamed_entropy(X: torch.Tensor, heads: list, rows: int, vocab: int) -> np.ndarray:
     """Every layer's entropies, ``rows`` of the flattened ``(layer, token)`` states at a time."""
     layers, n = X.shape[0], X.shape[1]
+    weight, bias = heads[0].weight, heads[0].bias
     out = np.empty(layers * n)
     for a in range(0, layers * n, rows):
         b = min(a + rows, layers * n)
         states = [heads[l].states(X[l, max(a - l * n, 0):min(b - l * n, n)])
                   for l in range(a // n, (b - 1) // n + 1)]
-        lens = heads[0]
-        out[a:b] = _linear_entropy(torch.cat(states), lens.weight, lens.bias,
-                                   vocab).cpu().numpy()
+        out[a:b] = _linear_entropy(torch.cat(states), weight, bias, vocab).cpu().numpy()
     return out.reshape(layers, n)
 
 

@@ -114,11 +114,14 @@ class BlockCall:
         else:
             args, kwargs = (hidden, *self.args[1:]), self.kwargs
         name = cache_parameter(module) if kv_cache is not None else None
-        cache = kv_cache() if name is not None else None
-        injected = with_cache(module, name, args, kwargs, cache) if cache is not None else None
-        out = module(*injected[0], **injected[1]) if injected else module(*args, **kwargs)
-        if injected:
-            self.kv = cache.recorded or None
+        if name is None:
+            return first_tensor(module(*args, **kwargs))
+        cache = kv_cache()
+        injected = with_cache(module, name, args, kwargs, cache)
+        if injected is None:
+            return first_tensor(module(*args, **kwargs))
+        out = module(*injected[0], **injected[1])
+        self.kv = cache.recorded or None
         return first_tensor(out)
 
     def cast(self, dtype: torch.dtype) -> "BlockCall":
