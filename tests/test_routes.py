@@ -60,7 +60,8 @@ def test_arpack_on_a_dense_matrix_is_exact_and_its_fall_back_says_so():
     torch.testing.assert_close(res.S.double(), s[:k], rtol=1e-5, atol=0)
     assert abs(float(res.s_next) - 1.3) < 1e-5
     # Wedin: rounding J to float32 moves it by ||E|| <= eps32 ||J||_F ~ 6e-8 * 19 = 1.1e-6,
-    # so the top-K subspace moves by at most ||E|| / (s_K - s_K+1) = 1.1e-6 / 0.7 = 1.6e-6
+    # and single-precision ARPACK (float32 J) stops at residuals of the same order, so the
+    # top-K subspace moves by at most ~2 ||E|| / (s_K - s_K+1) = 2.2e-6 / 0.7 = 3.2e-6
     assert torch.linalg.svdvals(res.V.double().T @ V[:, k:]).max() < 1e-5
     flat = ((U * torch.linspace(2.0, 1.0, d, dtype=torch.float64)) @ V.T).float()
     capped = dense_top_k(flat, k, maxiter=1)

@@ -109,15 +109,16 @@ def test_matrix_free_path_never_allocates_d_by_d_at_huge_d():
 
 
 def test_dense_top_k_picks_arpack_or_full_svd_and_both_are_exact():
-    """``svd: auto`` on a dense J: ARPACK for K < d/16 (d > 512), else the full SVD; either
+    """``svd: auto`` on a dense J: ARPACK for K < d/4 (d > 512), else the full SVD; either
     way the known top-K triplets come back."""
     from coupling.spectrum.svd import dense_top_k, full_svd_pays
-    assert full_svd_pays(256, 10) and full_svd_pays(768, 50) and full_svd_pays(4096, 10, "cuda")
-    assert not full_svd_pays(768, 10) and not full_svd_pays(2048, 50)
+    assert full_svd_pays(256, 10) and full_svd_pays(768, 192) and full_svd_pays(4096, 10, "cuda")
+    assert not full_svd_pays(768, 50) and not full_svd_pays(2048, 50)
     d = 600
-    spectrum = torch.cat([torch.linspace(3, 2, 40), torch.linspace(1, 0.1, d - 40)]).double()
+    spectrum = torch.cat([torch.linspace(3, 2, 40), torch.linspace(1.9, 1.2, 110),
+                          torch.linspace(1, 0.1, d - 150)]).double()
     J, U, V = known_matrix(d, spectrum, seed=3)
-    for k in (10, 40):                                   # 10 < 600/16 -> ARPACK; 40 -> full
+    for k in (10, 150):                                  # 10 < 600/4 -> ARPACK; 150 -> full
         res = dense_top_k(J.float(), k)
         assert torch.allclose(res.S.double(), spectrum[:k], rtol=1e-5)
         assert max_sine(res.V, V[:, :k]) < 1e-3 and max_sine(res.U, U[:, :k]) < 1e-3
@@ -142,9 +143,10 @@ def test_every_method_returns_the_next_singular_value(method):
 def test_dense_top_k_routes_return_the_next_singular_value():
     from coupling.spectrum.svd import dense_top_k
     d = 600
-    spectrum = torch.cat([torch.linspace(3, 2, 40), torch.linspace(1, 0.1, d - 40)]).double()
+    spectrum = torch.cat([torch.linspace(3, 2, 40), torch.linspace(1.9, 1.2, 110),
+                          torch.linspace(1, 0.1, d - 150)]).double()
     J, _, _ = known_matrix(d, spectrum, seed=5)
-    for k in (10, 40):                                   # ARPACK on the dense J; full SVD
+    for k in (10, 150):                                  # ARPACK on the dense J; full SVD
         res = dense_top_k(J.float(), k)
         assert float(res.s_next) == pytest.approx(float(spectrum[k]), rel=1e-5)
 

@@ -53,10 +53,12 @@ EXACT_MAX_D = 2048
 MATRIX_FREE_BASE = 2900
 MATRIX_FREE_PER_K = 36
 # dense_top_k: full SVD up to this width, or when K is at least this fraction of d.  ARPACK
-# costs ~K d^2 per restart cycle, the SVD ~d^3; on real block Jacobians (2 CPU threads) the
-# crossover is K ~ 40 at d = 768 and K > 50 at d = 1024 (scripts/bench_dense_topk.py).
+# (single precision on a float32 J) costs ~K d^2 per restart cycle, the SVD ~d^3; on real
+# block Jacobians (1 CPU thread, scripts/bench_dense_topk.py) ARPACK is faster in every cell
+# measured, up to K = 150 at d = 768 (0.066 s against 0.091 s); its time, linear in K there,
+# reaches the SVD's at K ~ d / 4.
 FULL_SVD_MAX_D = 512
-FULL_SVD_MIN_K_FRACTION = 1 / 16
+FULL_SVD_MIN_K_FRACTION = 1 / 4
 
 
 # ARPACK restarts: each costs about ncv - K products with J and as many with J^T, so past
@@ -174,17 +176,25 @@ def full_svd_pays(d: int, k: int, device: torch.device | str = "cpu") -> bool:
 
 
 def dense_top_k(J: torch.Tensor, k: int, seed: int = 0, maxiter: int | None = None) -> SVDResult:
-    """Exact top-``k`` triplets of a dense ``J``: full SVD or ARPACK, whichever is cheaper.
+    """Exact top-``k`` triplets of a dense ``J``: full SVD or ARPACK (:func:`arpack_top_k`),
+    whichever is cheaper (:func:`full_svd_pays`)."""
+    if full_svd_pays(min(J.shape), k, J.device) or k + 1 >= min(J.shape):
+        return _exact(J, k)
+    return arpack_top_k(J, k, seed, maxiter)
 
-    ARPACK gets the matrix itself, in float64: its products are then numpy's, exact for the
-    float32 entries, with no conversion of every vector to and from torch (20% of its time
-    at d = 768, K = 10)."""
-    if full_svd_pays(min(J.shape), k, J.device):
-        return _exact(J, k)
+
+def arpack_top_k(J: torch.Tensor, k: int, seed: int = 0, maxiter: int | None = None) -> SVDResult:
+    """Top-``k`` triplets of a dense ``J`` by ARPACK on the matrix, in its own precision.
+
+    ARPACK gets the matrix itself (float32 or float64): its products are then numpy's, with
+    no conversion of every vector to and from torch (20% of its time at d = 768, K = 10).  A
+    float32 ``J`` is known to float32 round-off only, so single-precision ARPACK (``tol=0``:
+    to float32 machine precision) determines its triplets as well as the float32 full SVD
+    of the ``exact`` route does, at 2-3x the speed of ARPACK in float64 on the same matrix
+    (BENCHMARKS.md, "Top-K of a dense J").  Not converged in ``maxiter`` restarts: the full
+    SVD, recorded in ``fallback``."""
     d = min(J.shape)
-    if k + 1 >= d:
-        return _exact(J, k)
-    A = J.detach().to("cpu", torch.float64).numpy()
+    A = _at_least_float32(J.detach()).cpu().numpy()
     maxiter = default_maxiter(d, k + 1) if maxiter is None else int(maxiter)
     triplets = _arpack(A, k, seed, maxiter)
     if triplets is None:
@@ -231,7 +241,8 @@ def _arpack(A, k: int, seed: int, maxiter: int):
     from scipy.sparse.linalg import ArpackNoConvergence, svds
 
     m, n = A.shape
-    v0 = np.random.default_rng(seed).standard_normal(n if n <= m else m)
+    # the start vector in A's precision: a float64 one would run ARPACK in float64
+    v0 = np.random.default_rng(seed).standard_normal(n if n <= m else m).astype(A.dtype)
     try:
         u, s, vt = svds(A, k=k + 1, tol=0, v0=v0, maxiter=maxiter, solver="arpack")
     except ArpackNoConvergence:
